@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# THE test command: installs what the tests need (idempotently), then runs every test suite.
+# Exits non-zero as soon as anything fails.
+#
+# Pinned versions keep the interop tests reproducible; override them to try another SDK:
+#   FLOWGATE_TEST_OPENAI_VERSION=1.109.1 scripts/test.sh
+set -euo pipefail
+
+OPENAI_VERSION="${FLOWGATE_TEST_OPENAI_VERSION:-3.57.0}"
+PYTEST_VERSION="${FLOWGATE_TEST_PYTEST_VERSION:-9.2.0}"
+
+# Work from the repo root whatever the caller's cwd.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+section() {
+    printf '\n==> %s\n' "$*"
+}
+
+# Runs a command as root: directly when we are root, through sudo otherwise.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    else
+        sudo "$@"
+    fi
+}
+
+# True when the venv already has the wanted versions, so pip (and the network) can be skipped.
+venv_is_ready() {
+    [ -x .venv/bin/python ] || return 1
+    .venv/bin/python - "$OPENAI_VERSION" "$PYTEST_VERSION" <<'PY' >/dev/null 2>&1
+import sys
+from importlib.metadata import version
+import openai, pytest  # noqa: F401  (importable, not just installed)
+sys.exit(0 if (version("openai"), version("pytest")) == (sys.argv[1], sys.argv[2]) else 1)
+PY
+}
+
+setup_python() {
+    section "python venv (.venv: openai==$OPENAI_VERSION, pytest==$PYTEST_VERSION)"
+    if venv_is_ready; then
+        echo "already installed"
+        return
+    fi
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+        "openai==$OPENAI_VERSION" "pytest==$PYTEST_VERSION"
+}
+
+setup_prometheus() {
+    section "prometheus (promtool checks the metrics exposition)"
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+        echo "already installed: $(command -v promtool)"
+        return
+    fi
+    as_root apt-get update
+    # Through `env` because sudo drops the caller's environment.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
+}
+
+run_cargo_tests() {
+    section "cargo test (all targets, then doctests, which --all-targets leaves out)"
+    cargo test --all-targets
+    cargo test --doc
+}
+
+run_interop_tests() {
+    section "interop tests (official openai SDK against target/debug/flowgate)"
+    cargo build
+    .venv/bin/pytest -q tests/interop
+}
+
+setup_python
+setup_prometheus
+run_cargo_tests
+run_interop_tests
+section "all tests passed"

@@ -1,0 +1,523 @@
+//! Configuration: the TOML schema, `${VAR}` / `${VAR:-default}` expansion, and validation.
+//!
+//! Every section denies unknown keys, so a typo names itself (with file, line and the keys that
+//! are allowed) instead of being silently ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+/// Where a config came from, for messages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    File(PathBuf),
+    BuiltIn,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::BuiltIn => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {source_name}: {message}")]
+    Parse {
+        source_name: Source,
+        message: String,
+    },
+    #[error("invalid config {source_name}: {message}")]
+    Invalid {
+        source_name: Source,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    /// USD per 1M tokens, overriding the bundled table entry by entry.
+    #[serde(default)]
+    pub pricing: BTreeMap<String, Price>,
+    #[serde(skip)]
+    pub source: Option<Source>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    #[serde(deserialize_with = "expanded")]
+    pub listen: String,
+    /// Empty: the admin API answers loopback clients only.
+    #[serde(deserialize_with = "expanded")]
+    pub admin_token: String,
+    pub max_body_bytes: u64,
+    /// The whole call, upstream included; past it the client gets 504 (or an error event).
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// How long in-flight requests may finish after SIGTERM/SIGINT.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_token: String::new(),
+            max_body_bytes: 10 * 1024 * 1024,
+            request_timeout_ms: 600_000,
+            connect_timeout_ms: 10_000,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capture {
+    /// Request and response bodies are stored with the trace.
+    Full,
+    /// Only metadata: no prompt or response text is stored.
+    Metadata,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    #[serde(deserialize_with = "expanded_path")]
+    pub path: PathBuf,
+    pub capture: Capture,
+    /// Bodies larger than this are stored cut, marked `truncated`.
+    pub max_capture_bytes: usize,
+    /// The recorder writes a batch at least this often.
+    pub flush_interval_ms: u64,
+    /// Traces waiting for the recorder; when full, requests still succeed and the loss is counted.
+    pub queue_capacity: usize,
+    /// sled's page cache.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/flowgate.sled"),
+            capture: Capture::Full,
+            max_capture_bytes: 1024 * 1024,
+            flush_interval_ms: 200,
+            queue_capacity: 65_536,
+            cache_capacity_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Distinct experiment / prompt_version label values; further ones are counted as `other`.
+    pub max_label_values: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_label_values: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible API: OpenAI, vLLM, Ollama, Groq, OpenRouter, ...
+    Openai,
+    /// The built-in deterministic provider; answers without any network.
+    Mock,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Mock => "mock",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    #[serde(deserialize_with = "expanded")]
+    pub name: String,
+    pub kind: ProviderKind,
+    #[serde(default, deserialize_with = "expanded")]
+    pub base_url: String,
+    /// Empty: the client's own `Authorization` header is forwarded.
+    #[serde(default, deserialize_with = "expanded")]
+    pub api_key: String,
+    /// Glob patterns (`*`, `?`) of model names routed to this provider.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// A PEM file of extra CA certificates to trust for this upstream.
+    #[serde(default, deserialize_with = "expanded_opt_path")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// USD per 1M tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    #[serde(default)]
+    pub output: Option<f64>,
+    /// Input tokens read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// Input tokens written to the provider's prompt cache (Anthropic).
+    #[serde(default)]
+    pub cache_write: Option<f64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            storage: StorageConfig::default(),
+            metrics: MetricsConfig::default(),
+            providers: vec![mock_provider()],
+            pricing: BTreeMap::new(),
+            source: Some(Source::BuiltIn),
+        }
+    }
+}
+
+/// The built-in mock provider: `mock/<model>` answers deterministically with no key.
+pub fn mock_provider() -> ProviderConfig {
+    ProviderConfig {
+        name: "mock".into(),
+        kind: ProviderKind::Mock,
+        base_url: String::new(),
+        api_key: String::new(),
+        models: vec!["mock/*".into()],
+        ca_file: None,
+    }
+}
+
+impl Config {
+    /// Resolves which config to use, as CONTRACT section 1 says: `--config`, else
+    /// `$FLOWGATE_CONFIG`, else `config/flowgate.toml` if present, else built-in defaults.
+    /// Then applies `FLOWGATE_LISTEN` and `FLOWGATE_DATA_DIR`.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_path = std::env::var_os("FLOWGATE_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        let default_path = PathBuf::from("config/flowgate.toml");
+        let path = explicit
+            .map(Path::to_path_buf)
+            .or(env_path)
+            .or_else(|| default_path.exists().then_some(default_path));
+        let mut config = match path {
+            Some(path) => Self::from_file(&path)?,
+            None => Config::default(),
+        };
+        config.apply_env_overrides();
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, Source::File(path.to_path_buf()))
+    }
+
+    /// Parses without applying environment overrides or validating; see [`Config::validate`].
+    pub fn from_toml(text: &str, source: Source) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            source_name: source.clone(),
+            message: err.to_string(),
+        })?;
+        config.source = Some(source);
+        Ok(config)
+    }
+
+    fn apply_env_overrides(&mut self) {
+        if let Some(listen) = std::env::var("FLOWGATE_LISTEN")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            self.server.listen = listen;
+        }
+        if let Some(dir) = std::env::var_os("FLOWGATE_DATA_DIR").filter(|v| !v.is_empty()) {
+            self.storage.path = PathBuf::from(dir).join("flowgate.sled");
+        }
+    }
+
+    pub fn source(&self) -> Source {
+        self.source.clone().unwrap_or(Source::BuiltIn)
+    }
+
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            source_name: self.source(),
+            message,
+        }
+    }
+
+    /// Checks what the schema cannot: addresses, names, URLs, files. The mock provider is added
+    /// when the config names none, so `mock/...` always answers.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.server.listen.parse::<SocketAddr>().map_err(|err| {
+            self.invalid(format!(
+                "server.listen = {:?}: {err} (expected host:port, e.g. 127.0.0.1:8080)",
+                self.server.listen
+            ))
+        })?;
+        if self.server.max_body_bytes == 0 {
+            return Err(self.invalid("server.max_body_bytes must be greater than 0".into()));
+        }
+        if self.server.request_timeout_ms == 0 {
+            return Err(self.invalid("server.request_timeout_ms must be greater than 0".into()));
+        }
+        if self.storage.queue_capacity == 0 {
+            return Err(self.invalid("storage.queue_capacity must be greater than 0".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (index, provider) in self.providers.iter().enumerate() {
+            self.validate_provider(index, provider)?;
+            if !seen.insert(provider.name.as_str()) {
+                return Err(self.invalid(format!(
+                    "providers[{index}]: the name {:?} is used twice",
+                    provider.name
+                )));
+            }
+        }
+        if !self.providers.iter().any(|p| p.name == "mock") {
+            self.providers.push(mock_provider());
+        }
+        for (model, price) in &self.pricing {
+            let rates = [
+                Some(price.input),
+                price.output,
+                price.cached_input,
+                price.cache_write,
+            ];
+            if rates
+                .iter()
+                .flatten()
+                .any(|rate| !rate.is_finite() || *rate < 0.0)
+            {
+                return Err(self.invalid(format!(
+                    "pricing.{model:?}: prices must be finite and not negative"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_provider(
+        &self,
+        index: usize,
+        provider: &ProviderConfig,
+    ) -> Result<(), ConfigError> {
+        let at = format!("providers[{index}] ({:?})", provider.name);
+        if provider.name.is_empty() || provider.name.contains('/') {
+            return Err(self.invalid(format!("{at}: name must be non-empty and contain no '/'")));
+        }
+        if provider.kind == ProviderKind::Openai {
+            let uri: http::Uri = provider.base_url.parse().map_err(|err| {
+                self.invalid(format!(
+                    "{at}: base_url {:?} is not a URL: {err}",
+                    provider.base_url
+                ))
+            })?;
+            if !matches!(uri.scheme_str(), Some("http") | Some("https"))
+                || uri.authority().is_none()
+            {
+                return Err(self.invalid(format!(
+                    "{at}: base_url {:?} must be an absolute http:// or https:// URL",
+                    provider.base_url
+                )));
+            }
+        }
+        if let Some(ca_file) = &provider.ca_file {
+            if !ca_file.is_file() {
+                return Err(self.invalid(format!(
+                    "{at}: ca_file {} does not exist",
+                    ca_file.display()
+                )));
+            }
+        }
+        if let Some(pattern) = provider.models.iter().find(|p| p.is_empty()) {
+            return Err(self.invalid(format!("{at}: empty model pattern {pattern:?}")));
+        }
+        Ok(())
+    }
+}
+
+fn expanded<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    let raw = String::deserialize(deserializer)?;
+    expand_env(&raw, |name| std::env::var(name).ok()).map_err(serde::de::Error::custom)
+}
+
+fn expanded_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+    expanded(deserializer).map(PathBuf::from)
+}
+
+fn expanded_opt_path<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<PathBuf>, D::Error> {
+    let path = expanded(deserializer)?;
+    Ok((!path.is_empty()).then(|| PathBuf::from(path)))
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`. An unset `${VAR}` without a default is an error, so a
+/// missing secret is noticed at start rather than sent upstream as an empty string. `$$` is a
+/// literal `$`.
+pub fn expand_env(input: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unclosed ${{ in {input:?}"))?;
+            out.push_str(&expand_one(&body[..end], &lookup)?);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn expand_one(expr: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let (name, default) = match expr.split_once(":-") {
+        Some((name, default)) => (name, Some(default)),
+        None => (expr, None),
+    };
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("${{{expr}}}: {name:?} is not a variable name"));
+    }
+    match (lookup(name).filter(|v| !v.is_empty()), default) {
+        (Some(value), _) => Ok(value),
+        (None, Some(default)) => Ok(default.to_owned()),
+        (None, None) => Err(format!(
+            "environment variable {name} is not set (write ${{{name}:-}} to make it optional)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "SET" => Some("value".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expansion_table() {
+        let cases = [
+            ("plain", Ok("plain")),
+            ("${SET}", Ok("value")),
+            ("a-${SET}-b", Ok("a-value-b")),
+            ("${UNSET:-fallback}", Ok("fallback")),
+            ("${EMPTY:-fallback}", Ok("fallback")),
+            ("${UNSET:-}", Ok("")),
+            ("${SET:-fallback}", Ok("value")),
+            ("cost $5", Ok("cost $5")),
+            ("$${SET}", Ok("${SET}")),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(
+                expand_env(input, env).as_deref(),
+                expected.map(str::to_owned).as_deref(),
+                "{input}"
+            );
+        }
+        assert!(expand_env("${UNSET}", env)
+            .unwrap_err()
+            .contains("UNSET is not set"));
+        assert!(expand_env("${SET", env).unwrap_err().contains("unclosed"));
+        assert!(expand_env("${bad name}", env).is_err());
+    }
+
+    #[test]
+    fn unknown_key_names_itself_and_the_file() {
+        let err = Config::from_toml(
+            "[server]\nlisten_on = \"x\"\n",
+            Source::File("my.toml".into()),
+        )
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("my.toml"), "{message}");
+        assert!(message.contains("listen_on"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+    }
+
+    #[test]
+    fn shipped_config_parses_and_validates() {
+        let text = include_str!("../config/flowgate.toml");
+        let mut config = Config::from_toml(text, Source::BuiltIn).unwrap();
+        config.validate().unwrap();
+        assert!(config
+            .providers
+            .iter()
+            .any(|p| p.kind == ProviderKind::Mock));
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        let cases = [
+            ("[server]\nlisten = \"nonsense\"", "server.listen"),
+            ("[[providers]]\nname = \"x\"\nkind = \"openai\"\nbase_url = \"ftp://h\"", "base_url"),
+            ("[[providers]]\nname = \"a/b\"\nkind = \"mock\"", "no '/'"),
+            ("[[providers]]\nname = \"x\"\nkind = \"openai\"\nbase_url = \"http://h\"\nca_file = \"/nonexistent.pem\"", "ca_file"),
+            ("[pricing]\n\"m\" = { input = -1.0 }", "not negative"),
+        ];
+        for (text, needle) in cases {
+            let mut config = Config::from_toml(text, Source::BuiltIn).unwrap();
+            let message = config.validate().unwrap_err().to_string();
+            assert!(message.contains(needle), "{text}: {message}");
+        }
+        let err = Config::from_toml(
+            "[[providers]]\nname = \"x\"\nkind = \"bogus\"",
+            Source::BuiltIn,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("openai"), "{err}");
+    }
+}

@@ -1,0 +1,99 @@
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+use flowgate::cli::{self, Cli, Command};
+use flowgate::config::Config;
+use flowgate::providers::Router;
+use flowgate::server::Gateway;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One process-wide TLS provider, so nothing can pick a different one by accident.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    flowgate::telemetry::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match &cli.command {
+        Command::Serve { config } => runtime.block_on(serve(config.as_deref())),
+        Command::CheckConfig { config } => check_config(config.as_deref()),
+        read => runtime
+            .block_on(cli::run_client(read))
+            .map_err(|err| err.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config_path: Option<&Path>) -> Result<(), String> {
+    let config = Config::load(config_path).map_err(|err| err.to_string())?;
+    flowgate::metering::warm_tokenizers();
+    let gateway = Gateway::start(&config)
+        .await
+        .map_err(|err| err.to_string())?;
+    tracing::info!(
+        listen = %gateway.addr,
+        config = %config.source(),
+        store = %config.storage.path.display(),
+        "flowgate is serving: point an OpenAI client at http://{}/v1",
+        gateway.addr
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight calls and storing traces");
+    gateway.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+fn check_config(config_path: Option<&Path>) -> Result<(), String> {
+    let config = Config::load(config_path).map_err(|err| err.to_string())?;
+    let router = Router::from_config(&config)
+        .map_err(|err| format!("invalid config {}: {err}", config.source()))?;
+    let pricing =
+        flowgate::metering::Pricing::new(&config.pricing).map_err(|err| err.to_string())?;
+    println!("config: {} is valid", config.source());
+    println!("listen: {}", config.server.listen);
+    println!(
+        "store:  {} (capture: {:?})",
+        config.storage.path.display(),
+        config.storage.capture
+    );
+    println!("prices: {} models", pricing.len());
+    println!("\nrouting (first match wins; provider/model picks a provider explicitly):");
+    print!("{}", router.describe());
+    Ok(())
+}

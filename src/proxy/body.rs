@@ -1,0 +1,359 @@
+//! The finish hook of every call, and the response body that meters a call as it streams.
+//!
+//! [`Draft`] holds what is known of a call so far and records exactly one trace: when the
+//! response body ends, when it fails, or — through `Drop` — when the client went away first.
+//! [`MeteredBody`] forwards each upstream frame the moment it arrives; it only keeps a shared
+//! reference (`Bytes`) to the frame for the recorder, which parses it later.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+
+use crate::providers::Endpoint;
+use crate::recorder::{RecorderHandle, TraceEvent};
+use crate::response::{BoxError, ResponseBody};
+use crate::sse::{is_usage_only_chunk, EventSplitter};
+use crate::trace::{Trace, TraceError};
+
+/// HTTP status recorded for calls the client abandoned before any answer (nginx's convention).
+pub const CLIENT_CLOSED: u16 = 499;
+
+pub struct Draft {
+    recorder: RecorderHandle,
+    started: Instant,
+    pub trace: Trace,
+    pub endpoint: Endpoint,
+    pub request_body: Bytes,
+    pub body_read: Duration,
+    pub upstream_started: Option<Instant>,
+    upstream_ended: Option<Instant>,
+    /// Computes the run id when the call ends before routing did.
+    pub run_id_fallback: fn(&Trace) -> String,
+    done: bool,
+}
+
+impl Draft {
+    pub fn new(
+        recorder: RecorderHandle,
+        method: &str,
+        path: &str,
+        run_id_fallback: fn(&Trace) -> String,
+    ) -> Draft {
+        let trace = Trace {
+            id: uuid::Uuid::now_v7().to_string(),
+            started_at_ms: unix_ms(),
+            experiment: crate::context::DEFAULT_EXPERIMENT.to_owned(),
+            endpoint: Endpoint::from_path(path).as_str().to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+            cache: "bypass".to_owned(),
+            ..Trace::default()
+        };
+        Draft {
+            recorder,
+            started: Instant::now(),
+            endpoint: Endpoint::from_path(path),
+            trace,
+            request_body: Bytes::new(),
+            body_read: Duration::ZERO,
+            upstream_started: None,
+            upstream_ended: None,
+            run_id_fallback,
+            done: false,
+        }
+    }
+
+    /// Moves the call's state out (into the response body), leaving a finished shell behind.
+    pub fn take(&mut self) -> Draft {
+        let shell = Draft {
+            recorder: self.recorder.clone(),
+            started: self.started,
+            trace: Trace::default(),
+            endpoint: self.endpoint,
+            request_body: Bytes::new(),
+            body_read: Duration::ZERO,
+            upstream_started: None,
+            upstream_ended: None,
+            run_id_fallback: self.run_id_fallback,
+            done: true,
+        };
+        std::mem::replace(self, shell)
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn fail(&mut self, class: &str, message: impl Into<String>) {
+        self.trace.error = Some(TraceError {
+            class: class.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn mark_upstream_end(&mut self) {
+        if self.upstream_started.is_some() && self.upstream_ended.is_none() {
+            self.upstream_ended = Some(Instant::now());
+        }
+    }
+
+    /// Records the trace; later calls do nothing.
+    pub fn finish(&mut self, response: Captured) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.mark_upstream_end();
+        let total = self.started.elapsed();
+        let upstream = self
+            .upstream_started
+            .zip(self.upstream_ended)
+            .map(|(from, to)| to - from);
+        let overhead = total
+            .saturating_sub(upstream.unwrap_or_default())
+            .saturating_sub(self.body_read);
+        let latency = &mut self.trace.latency;
+        latency.total_ms = ms(total);
+        latency.upstream_ms = upstream.map(ms);
+        latency.overhead_ms = ms(overhead);
+        self.trace.ended_at_ms = self.trace.started_at_ms + total.as_millis() as u64;
+        if self.trace.run_id.is_empty() {
+            self.trace.run_id = (self.run_id_fallback)(&self.trace);
+        }
+        self.recorder.record(TraceEvent {
+            trace: std::mem::take(&mut self.trace),
+            endpoint: self.endpoint,
+            request_body: std::mem::take(&mut self.request_body),
+            response: response.frames.into(),
+            response_cut: response.cut,
+            first_byte_us: response.first_byte_us,
+            response_is_sse: response.sse,
+        });
+    }
+}
+
+impl Drop for Draft {
+    /// The client went away before the call ended: still exactly one trace, marked cancelled.
+    fn drop(&mut self) {
+        if !self.done {
+            if self.trace.status == 0 {
+                self.trace.status = CLIENT_CLOSED;
+            }
+            self.fail(
+                "cancelled",
+                "the client closed the connection before the call ended",
+            );
+            self.finish(Captured::default());
+        }
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The response frames kept for the recorder, bounded: past the limit the oldest frames go (the
+/// usage a provider reports comes last, so the tail is what matters).
+#[derive(Default)]
+pub struct Captured {
+    frames: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+    limit: usize,
+    cut: bool,
+    first_byte_us: Option<u64>,
+    sse: bool,
+}
+
+impl Captured {
+    pub fn new(limit: usize, sse: bool) -> Captured {
+        Captured {
+            limit,
+            sse,
+            ..Captured::default()
+        }
+    }
+
+    fn push(&mut self, at_us: u64, bytes: Bytes) {
+        self.first_byte_us.get_or_insert(at_us);
+        self.bytes += bytes.len();
+        self.frames.push_back((at_us, bytes));
+        while self.bytes > self.limit && self.frames.len() > 1 {
+            if let Some((_, dropped)) = self.frames.pop_front() {
+                self.bytes -= dropped.len();
+                self.cut = true;
+            }
+        }
+    }
+}
+
+enum State {
+    Streaming,
+    /// An error event still to send to an SSE client, then the end.
+    Closing(Bytes),
+    Done,
+}
+
+/// The client's response body: forwards, captures, enforces the call's deadline.
+pub struct MeteredBody {
+    inner: ResponseBody,
+    draft: Draft,
+    captured: Captured,
+    /// Set when the gateway asked for stream usage the client did not ask for.
+    usage_filter: Option<EventSplitter>,
+    deadline: Pin<Box<Sleep>>,
+    state: State,
+}
+
+impl MeteredBody {
+    pub fn new(
+        inner: ResponseBody,
+        draft: Draft,
+        captured: Captured,
+        drop_usage_chunk: bool,
+        deadline: Sleep,
+    ) -> MeteredBody {
+        MeteredBody {
+            inner,
+            draft,
+            captured,
+            usage_filter: drop_usage_chunk.then(EventSplitter::default),
+            deadline: Box::pin(deadline),
+            state: State::Streaming,
+        }
+    }
+
+    fn end(&mut self) {
+        self.state = State::Done;
+        self.draft.finish(std::mem::take(&mut self.captured));
+    }
+
+    /// Ends a broken stream: SSE clients get an OpenAI-shaped error event, others a body error.
+    fn break_off(
+        &mut self,
+        class: &str,
+        code: &str,
+        message: String,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.draft.mark_upstream_end();
+        self.draft.fail(class, message.clone());
+        if self.captured.sse {
+            let event = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": code}});
+            self.state = State::Closing(Bytes::from(format!("data: {event}\n\n")));
+            Poll::Ready(self.next_closing())
+        } else {
+            self.end();
+            Poll::Ready(Some(Err(message.into())))
+        }
+    }
+
+    fn next_closing(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Closing(event) => {
+                self.end();
+                Some(Ok(Frame::data(event)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Drops the usage-only chunk; whole events pass, a partial one waits for its end.
+    fn filter(&mut self, data: &Bytes) -> Option<Bytes> {
+        let Some(splitter) = self.usage_filter.as_mut() else {
+            return Some(data.clone());
+        };
+        splitter.push(data);
+        let mut out = BytesMut::new();
+        while let Some(event) = splitter.next_event() {
+            if !is_usage_only_chunk(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
+        let at_us = self.draft.started().elapsed().as_micros() as u64;
+        let out = self.filter(&data);
+        self.captured.push(at_us, data);
+        out
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            match this.state {
+                State::Done => return Poll::Ready(None),
+                State::Closing(_) => return Poll::Ready(this.next_closing()),
+                State::Streaming => {}
+            }
+            if this.deadline.as_mut().poll(cx).is_ready() {
+                let message = "the call exceeded server.request_timeout_ms while the upstream was still sending".to_owned();
+                return this.break_off("timeout", "upstream_timeout", message);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.on_data(data);
+                        // A body of known length may be dropped by the server right after its
+                        // last frame, without another poll: finish now, not as "cancelled".
+                        if this.inner.is_end_stream() && this.usage_filter.is_none() {
+                            this.end();
+                        }
+                        if let Some(out) = out {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                Poll::Ready(Some(Err(err))) => {
+                    let message = format!(
+                        "the upstream broke off the response: {}",
+                        crate::providers::client::root_cause(&*err)
+                    );
+                    return this.break_off("upstream_stream", "upstream_stream_error", message);
+                }
+                Poll::Ready(None) => {
+                    let rest = this
+                        .usage_filter
+                        .as_mut()
+                        .map(EventSplitter::take_rest)
+                        .filter(|r| !r.is_empty());
+                    this.end();
+                    return Poll::Ready(rest.map(|r| Ok(Frame::data(r))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.state, &self.usage_filter) {
+            (State::Streaming, None) => self.inner.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! What the proxy reads from a request body, and the few rewrites it makes.
+//!
+//! Only the fields routing and run identity need are deserialised; the messages are skipped
+//! without being allocated. The body goes upstream byte for byte unless the model name or
+//! `stream_options` must change.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RequestFields<'a> {
+    #[serde(borrow, default)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<Value>,
+    #[serde(default)]
+    temperature: Option<Value>,
+    #[serde(default)]
+    top_p: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<Value>,
+    #[serde(default)]
+    seed: Option<Value>,
+    #[serde(default)]
+    frequency_penalty: Option<Value>,
+    #[serde(default)]
+    presence_penalty: Option<Value>,
+    #[serde(default)]
+    n: Option<Value>,
+    #[serde(default)]
+    reasoning_effort: Option<Value>,
+    #[serde(default)]
+    response_format: Option<TypeOnly>,
+    #[serde(default)]
+    dimensions: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TypeOnly {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+impl<'a> RequestFields<'a> {
+    pub fn parse(body: &'a [u8]) -> Result<RequestFields<'a>, ApiError> {
+        serde_json::from_slice(body).map_err(|err| {
+            ApiError::invalid_request(
+                "invalid_json",
+                format!("We could not parse the JSON body of your request: {err}"),
+            )
+        })
+    }
+
+    pub fn stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    pub fn client_asked_for_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true)
+    }
+
+    /// The sampling params that are part of a run's identity (CONTRACT section 6), as sent.
+    pub fn sampling(&self) -> BTreeMap<String, Value> {
+        let numeric = [
+            ("temperature", &self.temperature),
+            ("top_p", &self.top_p),
+            ("max_tokens", &self.max_tokens),
+            ("max_completion_tokens", &self.max_completion_tokens),
+            ("max_output_tokens", &self.max_output_tokens),
+            ("seed", &self.seed),
+            ("frequency_penalty", &self.frequency_penalty),
+            ("presence_penalty", &self.presence_penalty),
+            ("n", &self.n),
+            ("reasoning_effort", &self.reasoning_effort),
+            ("dimensions", &self.dimensions),
+        ];
+        let mut map: BTreeMap<String, Value> = numeric
+            .into_iter()
+            .filter_map(|(name, value)| {
+                value
+                    .as_ref()
+                    .filter(|v| !v.is_null())
+                    .map(|v| (name.to_owned(), v.clone()))
+            })
+            .collect();
+        if let Some(kind) = self.response_format.as_ref().and_then(|f| f.kind.clone()) {
+            map.insert("response_format".into(), Value::String(kind));
+        }
+        map
+    }
+}
+
+/// Rewrites the body for the upstream: the model name the provider knows, and a request for
+/// usage on streams. Returns the body unchanged (same `Bytes`) when neither is needed.
+pub fn rewrite(
+    body: &Bytes,
+    new_model: Option<&str>,
+    ask_usage: bool,
+    has_stream_options: bool,
+) -> Result<Bytes, ApiError> {
+    if new_model.is_none() && !ask_usage {
+        return Ok(body.clone());
+    }
+    if new_model.is_none() && !has_stream_options {
+        if let Some(spliced) = splice_usage_request(body) {
+            return Ok(spliced);
+        }
+    }
+    let mut value: Value = serde_json::from_slice(body).map_err(|err| {
+        ApiError::invalid_request("invalid_json", format!("invalid JSON body: {err}"))
+    })?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            "the JSON body must be an object",
+        ));
+    };
+    if let Some(model) = new_model {
+        object.insert("model".into(), Value::String(model.to_owned()));
+    }
+    if ask_usage {
+        let options = object
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(options) = options.as_object_mut() {
+            options.insert("include_usage".into(), Value::Bool(true));
+        } else {
+            *options = serde_json::json!({"include_usage": true});
+        }
+    }
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|err| ApiError::internal(err.to_string()))
+}
+
+/// Inserts `"stream_options":{"include_usage":true},` after the opening brace, leaving every
+/// other byte as the client sent it. Only used when the body has no `stream_options` and has a
+/// first member (it does: `stream` is set).
+fn splice_usage_request(body: &Bytes) -> Option<Bytes> {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    let brace = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[brace] != b'{' {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(body.len() + MEMBER.len());
+    out.put_slice(&body[..=brace]);
+    out.put_slice(MEMBER);
+    out.put_slice(&body[brace + 1..]);
+    Some(out.freeze())
+}
+
+/// `application/json` (any parameters, `+json` suffixes); absent is accepted too.
+pub fn is_json_content_type(value: Option<&http::HeaderValue>) -> bool {
+    let Some(value) = value else { return true };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_routing_fields_and_sampling() {
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true,
+            "temperature":0.2,"seed":7,"response_format":{"type":"json_object"},"top_p":null}"#;
+        let fields = RequestFields::parse(body).unwrap();
+        assert_eq!(fields.model.as_deref(), Some("gpt-4o"));
+        assert!(fields.stream());
+        assert!(!fields.client_asked_for_usage());
+        let sampling = fields.sampling();
+        assert_eq!(
+            sampling.keys().collect::<Vec<_>>(),
+            ["response_format", "seed", "temperature"]
+        );
+        assert_eq!(sampling["response_format"], "json_object");
+    }
+
+    #[test]
+    fn bad_json_is_a_400() {
+        let err = RequestFields::parse(b"{\"model\": ").unwrap_err();
+        assert_eq!(err.status, http::StatusCode::BAD_REQUEST);
+        assert_eq!(err.code, "invalid_json");
+    }
+
+    #[test]
+    fn rewrite_cases() {
+        let body = Bytes::from_static(br#"{"model":"mock/x","stream":true}"#);
+        assert_eq!(rewrite(&body, None, false, false).unwrap(), body);
+        let spliced = rewrite(&body, None, true, false).unwrap();
+        assert_eq!(
+            &spliced[..],
+            br#"{"stream_options":{"include_usage":true},"model":"mock/x","stream":true}"#
+        );
+        let renamed: Value =
+            serde_json::from_slice(&rewrite(&body, Some("x"), true, false).unwrap()).unwrap();
+        assert_eq!(renamed["model"], "x");
+        assert_eq!(renamed["stream_options"]["include_usage"], true);
+        let with_options = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#,
+        );
+        let fixed: Value =
+            serde_json::from_slice(&rewrite(&with_options, None, true, true).unwrap()).unwrap();
+        assert_eq!(fixed["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn content_types() {
+        let ok = [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/vnd.x+json",
+        ];
+        for value in ok {
+            assert!(
+                is_json_content_type(Some(&http::HeaderValue::from_static(value))),
+                "{value}"
+            );
+        }
+        for value in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+        ] {
+            assert!(
+                !is_json_content_type(Some(&http::HeaderValue::from_static(value))),
+                "{value}"
+            );
+        }
+        assert!(is_json_content_type(None));
+    }
+}

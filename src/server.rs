@@ -1,0 +1,274 @@
+//! The listener: accepts connections, sends each request to the proxy (`/v1/*`), the admin API
+//! (`/api/v1/*`), `/metrics` or `/healthz`, and shuts down gracefully.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, Admin};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metering::Pricing;
+use crate::providers::Router;
+use crate::proxy::Proxy;
+use crate::recorder::{self, RecorderControl, RecorderSettings};
+use crate::response::{self, ResponseBody};
+use crate::store::{SledStore, Store};
+use crate::telemetry::Metrics;
+
+/// Admin request bodies are small JSON documents.
+const MAX_ADMIN_BODY: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Provider(#[from] crate::providers::BuildError),
+    #[error(transparent)]
+    Pricing(#[from] crate::metering::PricingError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+}
+
+/// Everything a request may need; shared by all connections.
+struct App {
+    proxy: Proxy,
+    admin: Admin,
+    metrics: Arc<Metrics>,
+    admin_token: Option<String>,
+}
+
+/// A started gateway.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Opens the store, starts the recorder, binds the listener and starts serving.
+    pub async fn start(config: &Config) -> Result<Gateway, StartError> {
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(
+            &config.storage.path,
+            config.storage.cache_capacity_bytes,
+        )?);
+        let metrics = Arc::new(Metrics::new());
+        let pricing = Pricing::new(&config.pricing)?;
+        let router = Router::from_config(config)?;
+        let (recorder, control) = recorder::spawn(
+            store.clone(),
+            metrics.clone(),
+            pricing,
+            RecorderSettings::from_config(config),
+        )?;
+        let listener = TcpListener::bind(&config.server.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                address: config.server.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            address: config.server.listen.clone(),
+            source,
+        })?;
+        let app = Arc::new(App {
+            proxy: Proxy::new(config, router, recorder.clone()),
+            admin: Admin { store, recorder },
+            metrics,
+            admin_token: Some(config.server.admin_token.clone()).filter(|t| !t.is_empty()),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+        let accept_loop = tokio::spawn(serve(listener, app, stopped, grace, control));
+        Ok(Gateway {
+            addr,
+            stop,
+            accept_loop,
+        })
+    }
+
+    /// Stops accepting, lets in-flight calls finish (up to the grace period), stores every
+    /// trace and closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.accept_loop.await;
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    mut stopped: watch::Receiver<bool>,
+    grace: Duration,
+    recorder: RecorderControl,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = service_fn(move |request| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.route(request, peer).await) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        tracing::debug!(%err, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            _ = stopped.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "in-flight calls did not finish within the grace period"
+        );
+    }
+    recorder.shutdown().await;
+}
+
+impl App {
+    async fn route(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+        let path = request.uri().path();
+        if path.starts_with("/v1/") || path == "/v1" {
+            return self.proxy.handle(request).await;
+        }
+        if path == "/healthz" {
+            return response::text(StatusCode::OK, "ok\n");
+        }
+        if path == "/metrics" || path.starts_with("/api/") {
+            if let Err(err) = self.authorize(&request, peer) {
+                return err.into_response();
+            }
+            if path == "/metrics" {
+                return self.metrics_page();
+            }
+            return self.admin(request).await;
+        }
+        ApiError::not_found(
+            "unknown_path",
+            format!("{} {} is not a flowgate endpoint", request.method(), path),
+        )
+        .into_response()
+    }
+
+    /// With a token: the bearer token must match. Without one: loopback clients only.
+    fn authorize(&self, request: &Request<Incoming>, peer: SocketAddr) -> Result<(), ApiError> {
+        let Some(token) = &self.admin_token else {
+            if peer.ip().is_loopback() {
+                return Ok(());
+            }
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "admin_loopback_only",
+                "the admin API answers loopback clients only unless server.admin_token is set",
+            ));
+        };
+        let offered = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(offered.as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "a valid admin token is required: Authorization: Bearer <admin_token>",
+            ))
+        }
+    }
+
+    fn metrics_page(&self) -> Response<ResponseBody> {
+        self.metrics
+            .queue_depth
+            .set(self.admin.recorder.queue_depth() as i64);
+        response::with_content_type(
+            StatusCode::OK,
+            self.metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    }
+
+    async fn admin(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let (parts, body) = request.into_parts();
+        let body = match read_limited(body, MAX_ADMIN_BODY).await {
+            Ok(body) => body,
+            Err(err) => return err.into_response(),
+        };
+        api::handle(
+            &self.admin,
+            &parts.method,
+            parts.uri.path(),
+            parts.uri.query(),
+            body,
+        )
+        .await
+    }
+}
+
+async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err)
+            if err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                format!("admin request bodies are limited to {limit} bytes"),
+            ))
+        }
+        Err(err) => Err(ApiError::invalid_request(
+            "body_read_failed",
+            format!("could not read the request body: {err}"),
+        )),
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, byte) in b.iter().enumerate() {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ byte);
+    }
+    diff == 0
+}

@@ -1,0 +1,169 @@
+//! Server-sent events: splitting a byte stream into events as it arrives, and reading an event's
+//! name and data. Used to meter streams (off the request path) and to drop the usage chunk the
+//! gateway asked for on the client's behalf.
+
+use bytes::{Bytes, BytesMut};
+
+/// Splits arriving bytes into whole raw events (terminator included), keeping the rest.
+#[derive(Debug, Default)]
+pub struct EventSplitter {
+    buffer: BytesMut,
+}
+
+impl EventSplitter {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next complete event, bytes exactly as received.
+    pub fn next_event(&mut self) -> Option<Bytes> {
+        let end = event_end(&self.buffer)?;
+        Some(self.buffer.split_to(end).freeze())
+    }
+
+    /// Whatever is left after the stream ended (an event without its blank line).
+    pub fn take_rest(&mut self) -> Bytes {
+        self.buffer.split().freeze()
+    }
+}
+
+/// Index just past the blank line that ends the first event (`\n\n`, `\r\n\r\n` or `\n\r\n`).
+fn event_end(buffer: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < buffer.len() {
+        if buffer[i] == b'\n' {
+            if buffer[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if buffer[i + 1] == b'\r' && buffer.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// One parsed event.
+#[derive(Debug, Default, PartialEq)]
+pub struct Event {
+    pub name: Option<String>,
+    pub data: String,
+}
+
+pub fn parse_event(raw: &[u8]) -> Event {
+    let text = String::from_utf8_lossy(raw);
+    let mut event = Event::default();
+    let mut data_lines: Vec<&str> = Vec::new();
+    for line in text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)) {
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        match field {
+            "data" => data_lines.push(value),
+            "event" => event.name = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    event.data = data_lines.join("\n");
+    event
+}
+
+/// Whether a raw chat/completions event is the usage-only chunk (`"choices": []` with a usage
+/// object) that `stream_options.include_usage` adds at the end. Cheap byte checks first: every
+/// chunk carries `"usage": null` then, and only the last one needs parsing.
+pub fn is_usage_only_chunk(raw: &[u8]) -> bool {
+    if !has_usage_object(raw) {
+        return false;
+    }
+    let event = parse_event(raw);
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&event.data) else {
+        return false;
+    };
+    let no_choices = value
+        .get("choices")
+        .and_then(|c| c.as_array())
+        .is_none_or(|c| c.is_empty());
+    no_choices && value.get("usage").is_some_and(|u| u.is_object())
+}
+
+fn has_usage_object(raw: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut from = 0;
+    while let Some(at) = find(&raw[from..], KEY) {
+        let rest = &raw[from + at + KEY.len()..];
+        let mut value = rest
+            .iter()
+            .skip_while(|b| b.is_ascii_whitespace() || **b == b':');
+        if value.next() == Some(&b'{') {
+            return true;
+        }
+        from += at + KEY.len();
+    }
+    false
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_across_arbitrary_chunk_boundaries() {
+        let stream = b"data: {\"a\":1}\n\nevent: done\ndata: x\r\n\r\ndata: [DONE]\n\n";
+        for cut in 1..stream.len() {
+            let mut splitter = EventSplitter::default();
+            let mut events = Vec::new();
+            for piece in [&stream[..cut], &stream[cut..]] {
+                splitter.push(piece);
+                while let Some(e) = splitter.next_event() {
+                    events.push(parse_event(&e));
+                }
+            }
+            assert_eq!(events.len(), 3, "cut at {cut}");
+            assert_eq!(events[0].data, "{\"a\":1}");
+            assert_eq!(events[1].name.as_deref(), Some("done"));
+            assert_eq!(events[1].data, "x");
+            assert_eq!(events[2].data, "[DONE]");
+            assert!(splitter.take_rest().is_empty());
+        }
+    }
+
+    #[test]
+    fn multi_line_data_joins_with_newline() {
+        assert_eq!(parse_event(b"data: a\ndata: b\n\n").data, "a\nb");
+        assert_eq!(parse_event(b": comment\ndata:x\n\n").data, "x");
+    }
+
+    #[test]
+    fn usage_only_chunk_detection() {
+        let cases: [(&[u8], bool); 5] = [
+            (br#"data: {"choices":[],"usage":{"prompt_tokens":1}}"#, true),
+            (
+                br#"data: {"choices": [], "usage" : {"prompt_tokens":1}}"#,
+                true,
+            ),
+            (
+                br#"data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}"#,
+                false,
+            ),
+            (
+                br#"data: {"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#,
+                false,
+            ),
+            (b"data: [DONE]", false),
+        ];
+        for (raw, expected) in cases {
+            assert_eq!(
+                is_usage_only_chunk(raw),
+                expected,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+}

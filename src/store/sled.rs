@@ -1,0 +1,761 @@
+//! The embedded store on sled.
+//!
+//! Layout: one tree per record kind, never one per run.
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `traces` | 16 raw bytes of the UUIDv7 trace id (big-endian, so time-ordered) | trace without bodies |
+//! | `trace_bodies` | trace id | request and response bodies |
+//! | `run_traces` | run id ‖ trace id | empty |
+//! | `session_traces` | session ‖ trace id | empty |
+//! | `experiment_traces` | experiment ‖ trace id | empty |
+//! | `experiment_runs` | experiment ‖ run id | empty |
+//! | `runs` | run id | [`Run`] with its sketches |
+//! | `experiments` | experiment name | [`Experiment`] |
+//! | `meta` | `schema_version` | u32, big-endian |
+//!
+//! In index keys the first part is length-prefixed (u32, big-endian), so one part's bytes can
+//! never run into the next and a prefix scan for "ab" never sees "abc". Values are a one-byte
+//! codec version followed by JSON. Bodies live apart so listings never read or decode them.
+//! Scores live inside their trace (and are aggregated into the run), so they need no tree.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use ::sled::{Batch as WriteBatch, Config, Db, IVec, Tree};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Batch, Store, StoreError, TracePage, TraceQuery};
+use crate::runs::{Experiment, Run};
+use crate::trace::{Captured, Trace, TraceSummary};
+
+/// The on-disk layout version; a database with a newer one is refused, not misread.
+pub const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_KEY: &[u8] = b"schema_version";
+/// Leads every stored value, so the value encoding can change without a schema migration.
+const CODEC_VERSION: u8 = 1;
+const TRACE_KEY_LEN: usize = 16;
+
+type TraceKey = [u8; TRACE_KEY_LEN];
+
+pub struct SledStore {
+    db: Db,
+    traces: Tree,
+    bodies: Tree,
+    run_traces: Tree,
+    session_traces: Tree,
+    experiment_traces: Tree,
+    experiment_runs: Tree,
+    runs: Tree,
+    experiments: Tree,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database at `path` with a page cache of `cache_capacity_bytes`.
+    pub fn open(path: &Path, cache_capacity_bytes: u64) -> Result<SledStore, StoreError> {
+        let db = open_db(path, cache_capacity_bytes)?;
+        check_schema(&db, path)?;
+        let tree = |name: &str| db.open_tree(name);
+        Ok(SledStore {
+            traces: tree("traces")?,
+            bodies: tree("trace_bodies")?,
+            run_traces: tree("run_traces")?,
+            session_traces: tree("session_traces")?,
+            experiment_traces: tree("experiment_traces")?,
+            experiment_runs: tree("experiment_runs")?,
+            runs: tree("runs")?,
+            experiments: tree("experiments")?,
+            db,
+        })
+    }
+
+    /// The summary behind one trace key; `None` for an index entry whose trace is gone.
+    fn summary(&self, key: &[u8]) -> Result<Option<TraceSummary>, StoreError> {
+        match self.traces.get(key)? {
+            Some(bytes) => Ok(Some(decode_trace(key, &bytes)?.summary())),
+            None => Ok(None),
+        }
+    }
+
+    /// Trace keys newest first, strictly before `before`, from the most selective index the
+    /// query allows.
+    fn newest_keys<'a>(
+        &'a self,
+        query: &TraceQuery,
+        before: Option<TraceKey>,
+    ) -> Result<Box<dyn Iterator<Item = Result<IVec, StoreError>> + 'a>, StoreError> {
+        let index = [
+            (&self.session_traces, &query.session),
+            (&self.run_traces, &query.run),
+            (&self.experiment_traces, &query.experiment),
+        ]
+        .into_iter()
+        .find_map(|(tree, value)| value.as_deref().map(|value| (tree, value)));
+        let Some((tree, value)) = index else {
+            let keys = match before {
+                Some(before) => self.traces.range(..before),
+                None => self.traces.range::<&[u8], _>(..),
+            };
+            return Ok(Box::new(keys.rev().map(|entry| Ok(entry?.0))));
+        };
+        let prefix = length_prefixed(value)?;
+        let start = prefix.clone();
+        let keys = match before {
+            Some(before) => tree.range(start..join(&prefix, &before)),
+            None => tree.range(start..=join(&prefix, &[0xff; TRACE_KEY_LEN])),
+        };
+        let prefix_len = prefix.len();
+        Ok(Box::new(keys.rev().map(move |entry| {
+            let (key, _) = entry?;
+            Ok(IVec::from(&key[prefix_len..]))
+        })))
+    }
+
+    fn trace_writes(&self, trace: &Trace, writes: &mut Writes) -> Result<(), StoreError> {
+        let key = trace_key(&trace.id)?;
+        // The head is the trace minus its bodies; cloning is simpler than a second schema and
+        // happens in the recorder, off the request path.
+        let mut head = trace.clone();
+        let bodies = Bodies {
+            request_body: head.request_body.take(),
+            response_body: head.response_body.take(),
+        };
+        writes.traces.insert(&key, encode("trace", &head)?);
+        if bodies.request_body.is_some() || bodies.response_body.is_some() {
+            writes.bodies.insert(&key, encode("trace bodies", &bodies)?);
+        } else {
+            writes.bodies.remove(&key);
+        }
+        writes
+            .run_traces
+            .insert(join(&length_prefixed(&trace.run_id)?, &key), &[]);
+        writes
+            .experiment_traces
+            .insert(join(&length_prefixed(&trace.experiment)?, &key), &[]);
+        if let Some(session) = &trace.session {
+            writes
+                .session_traces
+                .insert(join(&length_prefixed(session)?, &key), &[]);
+        }
+        Ok(())
+    }
+}
+
+fn open_db(path: &Path, cache_capacity_bytes: u64) -> Result<Db, StoreError> {
+    let config = Config::new()
+        .path(path)
+        .cache_capacity(cache_capacity_bytes);
+    let open_error = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    // sled can panic on some damaged files; the user should get the same advice as for any
+    // other failure to open, not a crash.
+    match catch_unwind(AssertUnwindSafe(|| config.open())) {
+        Ok(opened) => opened.map_err(open_error),
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "sled panicked".to_owned());
+            Err(open_error(::sled::Error::ReportableBug(reason)))
+        }
+    }
+}
+
+fn check_schema(db: &Db, path: &Path) -> Result<(), StoreError> {
+    let meta = db.open_tree("meta")?;
+    let Some(stored) = meta.get(SCHEMA_KEY)? else {
+        meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+        return Ok(());
+    };
+    let found = <[u8; 4]>::try_from(stored.as_ref())
+        .map(u32::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: "schema version".into(),
+            reason: format!("{} bytes, not 4", stored.len()),
+        })?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: PathBuf::from(path),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+impl Store for SledStore {
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        let mut writes = Writes::default();
+        for trace in &batch.traces {
+            // One bad id (a recorder bug) must not cost the rest of the batch.
+            if let Err(err) = self.trace_writes(trace, &mut writes) {
+                tracing::warn!(trace_id = %trace.id, error = %err, "trace not stored");
+            }
+        }
+        for run in &batch.runs {
+            writes.runs.insert(run.id.as_bytes(), encode("run", run)?);
+            writes.experiment_runs.insert(
+                join(&length_prefixed(&run.experiment)?, run.id.as_bytes()),
+                &[],
+            );
+        }
+        for experiment in &batch.experiments {
+            writes.experiments.insert(
+                experiment.name.as_bytes(),
+                encode("experiment", experiment)?,
+            );
+        }
+        // Indexes after the records they point to, aggregates last: a crash in between leaves
+        // at worst an index entry without its trace, which readers skip.
+        self.bodies.apply_batch(writes.bodies)?;
+        self.traces.apply_batch(writes.traces)?;
+        self.run_traces.apply_batch(writes.run_traces)?;
+        self.session_traces.apply_batch(writes.session_traces)?;
+        self.experiment_traces
+            .apply_batch(writes.experiment_traces)?;
+        self.runs.apply_batch(writes.runs)?;
+        self.experiment_runs.apply_batch(writes.experiment_runs)?;
+        self.experiments.apply_batch(writes.experiments)?;
+        Ok(())
+    }
+
+    fn trace(&self, id: &str) -> Result<Option<Trace>, StoreError> {
+        let key = trace_key(id)?;
+        let Some(head) = self.traces.get(key)? else {
+            return Ok(None);
+        };
+        let mut trace = decode_trace(&key, &head)?;
+        if let Some(stored) = self.bodies.get(key)? {
+            let bodies: Bodies =
+                decode(&stored).map_err(|reason| corrupt_trace(&key, "bodies", reason))?;
+            trace.request_body = bodies.request_body;
+            trace.response_body = bodies.response_body;
+        }
+        Ok(Some(trace))
+    }
+
+    fn traces(&self, query: &TraceQuery) -> Result<TracePage, StoreError> {
+        let before = match &query.cursor {
+            Some(cursor) => Some(trace_key(cursor).map_err(|_| StoreError::InvalidCursor {
+                cursor: cursor.clone(),
+            })?),
+            None => None,
+        };
+        let mut traces = Vec::new();
+        if query.limit == 0 {
+            return Ok(TracePage {
+                traces,
+                next_cursor: None,
+            });
+        }
+        for key in self.newest_keys(query, before)? {
+            let Some(summary) = self.summary(&key?)? else {
+                continue;
+            };
+            // Stale index entries (a trace re-written with other tags) fail this and are skipped.
+            if matches(query, &summary) {
+                traces.push(summary);
+                if traces.len() > query.limit {
+                    break;
+                }
+            }
+        }
+        let next_cursor = if traces.len() > query.limit {
+            traces.truncate(query.limit);
+            traces.last().map(|last| last.id.clone())
+        } else {
+            None
+        };
+        Ok(TracePage {
+            traces,
+            next_cursor,
+        })
+    }
+
+    fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        self.runs
+            .get(id.as_bytes())?
+            .map(|bytes| decode_run(id.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    fn runs(&self, experiment: Option<&str>) -> Result<Vec<Run>, StoreError> {
+        let Some(experiment) = experiment else {
+            return self
+                .runs
+                .iter()
+                .map(|entry| {
+                    entry
+                        .map_err(StoreError::from)
+                        .and_then(|(k, v)| decode_run(&k, &v))
+                })
+                .collect();
+        };
+        let prefix = length_prefixed(experiment)?;
+        let mut runs = Vec::new();
+        for entry in self.experiment_runs.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            if let Some(run) = self.run(&String::from_utf8_lossy(&key[prefix.len()..]))? {
+                if run.experiment == experiment {
+                    runs.push(run);
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    fn experiments(&self) -> Result<Vec<Experiment>, StoreError> {
+        self.experiments
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&value).map_err(|reason| StoreError::Corrupt {
+                    what: format!("experiment {:?}", String::from_utf8_lossy(&key)),
+                    reason,
+                })
+            })
+            .collect()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// One sled write batch per tree, applied together by [`Store::apply`].
+#[derive(Default)]
+struct Writes {
+    traces: WriteBatch,
+    bodies: WriteBatch,
+    run_traces: WriteBatch,
+    session_traces: WriteBatch,
+    experiment_traces: WriteBatch,
+    runs: WriteBatch,
+    experiment_runs: WriteBatch,
+    experiments: WriteBatch,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Bodies {
+    #[serde(default)]
+    request_body: Option<Captured>,
+    #[serde(default)]
+    response_body: Option<Captured>,
+}
+
+fn matches(query: &TraceQuery, summary: &TraceSummary) -> bool {
+    let wanted = |filter: &Option<String>, actual: Option<&str>| match filter {
+        Some(filter) => actual == Some(filter.as_str()),
+        None => true,
+    };
+    wanted(&query.experiment, Some(&summary.experiment))
+        && wanted(&query.run, Some(&summary.run_id))
+        && wanted(&query.session, summary.session.as_deref())
+}
+
+fn trace_key(id: &str) -> Result<TraceKey, StoreError> {
+    Uuid::try_parse(id)
+        .map(|uuid| *uuid.as_bytes())
+        .map_err(|_| StoreError::InvalidTraceId { id: id.to_owned() })
+}
+
+fn length_prefixed(part: &str) -> Result<Vec<u8>, StoreError> {
+    let len = u32::try_from(part.len()).map_err(|_| StoreError::KeyTooLong { len: part.len() })?;
+    let mut key = Vec::with_capacity(4 + part.len() + TRACE_KEY_LEN);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(part.as_bytes());
+    Ok(key)
+}
+
+fn join(prefix: &[u8], suffix: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + suffix.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(suffix);
+    key
+}
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = vec![CODEC_VERSION];
+    serde_json::to_writer(&mut bytes, value)
+        .map_err(|source| StoreError::Encode { what, source })?;
+    Ok(bytes)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&CODEC_VERSION, json)) => serde_json::from_slice(json).map_err(|err| err.to_string()),
+        Some((version, _)) => Err(format!("unknown codec version {version}")),
+        None => Err("empty value".to_owned()),
+    }
+}
+
+fn decode_trace(key: &[u8], bytes: &[u8]) -> Result<Trace, StoreError> {
+    decode(bytes).map_err(|reason| corrupt_trace(key, "", reason))
+}
+
+fn corrupt_trace(key: &[u8], part: &str, reason: String) -> StoreError {
+    let id = Uuid::from_slice(key)
+        .map(|uuid| uuid.to_string())
+        .unwrap_or_else(|_| format!("{key:02x?}"));
+    StoreError::Corrupt {
+        what: format!("trace {id}{part}"),
+        reason,
+    }
+}
+
+fn decode_run(key: &[u8], bytes: &[u8]) -> Result<Run, StoreError> {
+    decode(bytes).map_err(|reason| StoreError::Corrupt {
+        what: format!("run {:?}", String::from_utf8_lossy(key)),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::{Latency, Score, Usage};
+
+    const CACHE: u64 = 8 * 1024 * 1024;
+
+    fn open(dir: &tempfile::TempDir) -> SledStore {
+        SledStore::open(&dir.path().join("db"), CACHE).unwrap()
+    }
+
+    /// A time-ordered id for the n-th trace (UUIDv7 layout: the timestamp leads).
+    fn trace_id(n: u64) -> String {
+        let millis = 1_700_000_000_000 + n;
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+        bytes[6] = 0x70;
+        bytes[8] = 0x80;
+        bytes[15] = n as u8;
+        Uuid::from_bytes(bytes).to_string()
+    }
+
+    fn trace(n: u64, experiment: &str, run: &str, session: Option<&str>) -> Trace {
+        Trace {
+            id: trace_id(n),
+            session: session.map(str::to_owned),
+            started_at_ms: 1_700_000_000_000 + n,
+            ended_at_ms: 1_700_000_000_010 + n,
+            experiment: experiment.into(),
+            run_id: run.into(),
+            provider: Some("mock".into()),
+            requested_model: Some("mock/echo".into()),
+            endpoint: "chat.completions".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            status: 200,
+            latency: Latency {
+                total_ms: 10.0,
+                upstream_ms: Some(9.0),
+                overhead_ms: 1.0,
+                ttft_ms: None,
+            },
+            usage: Usage {
+                input_tokens: Some(3),
+                output_tokens: Some(4),
+                cached_input_tokens: None,
+                source: "provider".into(),
+            },
+            cache: "miss".into(),
+            request_body: Some(Captured {
+                content: serde_json::json!({"messages": [n]}),
+                truncated: false,
+            }),
+            response_body: Some(Captured {
+                content: serde_json::json!("hello"),
+                truncated: true,
+            }),
+            ..Trace::default()
+        }
+    }
+
+    /// 25 traces: experiments alternate a/b, runs cycle r0..r2, sessions s0/s1 on even n.
+    fn sample() -> Vec<Trace> {
+        (0..25)
+            .map(|n| {
+                let session = (n % 2 == 0).then(|| format!("s{}", n % 4 / 2));
+                trace(
+                    n,
+                    ["a", "b"][n as usize % 2],
+                    &format!("r{}", n % 3),
+                    session.as_deref(),
+                )
+            })
+            .collect()
+    }
+
+    fn page_all(store: &SledStore, mut query: TraceQuery) -> Vec<String> {
+        let mut ids = Vec::new();
+        loop {
+            let page = store.traces(&query).unwrap();
+            assert!(page.traces.len() <= query.limit);
+            ids.extend(page.traces.into_iter().map(|t| t.id));
+            match page.next_cursor {
+                Some(cursor) => query.cursor = Some(cursor),
+                None => return ids,
+            }
+        }
+    }
+
+    fn expected(traces: &[Trace], keep: impl Fn(&Trace) -> bool) -> Vec<String> {
+        traces
+            .iter()
+            .rev()
+            .filter(|t| keep(t))
+            .map(|t| t.id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn trace_round_trips_with_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let original = trace(1, "a", "r1", Some("s"));
+        store
+            .apply(&Batch {
+                traces: vec![original.clone()],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(store.trace(&original.id).unwrap(), Some(original.clone()));
+        assert_eq!(store.trace(&trace_id(2)).unwrap(), None);
+        let page = store
+            .traces(&TraceQuery {
+                limit: 10,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        assert_eq!(page.traces, vec![original.summary()]);
+    }
+
+    #[test]
+    fn rewriting_a_trace_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut original = trace(1, "a", "r1", Some("s"));
+        store
+            .apply(&Batch {
+                traces: vec![original.clone()],
+                ..Batch::default()
+            })
+            .unwrap();
+        original.scores.push(Score {
+            name: "exact_match".into(),
+            value: 1.0,
+            comment: None,
+            at_ms: 5,
+        });
+        original.request_body = None;
+        original.response_body = None;
+        store
+            .apply(&Batch {
+                traces: vec![original.clone()],
+                ..Batch::default()
+            })
+            .unwrap();
+        store
+            .apply(&Batch {
+                traces: vec![original.clone()],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(store.trace(&original.id).unwrap(), Some(original));
+        let query = TraceQuery {
+            run: Some("r1".into()),
+            limit: 10,
+            ..TraceQuery::default()
+        };
+        assert_eq!(store.traces(&query).unwrap().traces.len(), 1);
+    }
+
+    #[test]
+    fn pagination_covers_every_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let traces = sample();
+        store
+            .apply(&Batch {
+                traces: traces.clone(),
+                ..Batch::default()
+            })
+            .unwrap();
+        let query =
+            |experiment: Option<&str>, run: Option<&str>, session: Option<&str>| TraceQuery {
+                experiment: experiment.map(str::to_owned),
+                run: run.map(str::to_owned),
+                session: session.map(str::to_owned),
+                limit: 3,
+                cursor: None,
+            };
+        assert_eq!(
+            page_all(&store, query(None, None, None)),
+            expected(&traces, |_| true)
+        );
+        assert_eq!(
+            page_all(&store, query(Some("a"), None, None)),
+            expected(&traces, |t| t.experiment == "a")
+        );
+        assert_eq!(
+            page_all(&store, query(None, Some("r1"), None)),
+            expected(&traces, |t| t.run_id == "r1")
+        );
+        assert_eq!(
+            page_all(&store, query(None, None, Some("s1"))),
+            expected(&traces, |t| t.session.as_deref() == Some("s1"))
+        );
+        assert_eq!(
+            page_all(&store, query(Some("a"), Some("r2"), None)),
+            expected(&traces, |t| t.experiment == "a" && t.run_id == "r2")
+        );
+        assert_eq!(
+            page_all(&store, query(Some("b"), None, Some("s0"))),
+            expected(&traces, |t| t.experiment == "b"
+                && t.session.as_deref() == Some("s0"))
+        );
+        assert!(page_all(&store, query(Some("missing"), None, None)).is_empty());
+    }
+
+    #[test]
+    fn exact_last_page_has_no_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store
+            .apply(&Batch {
+                traces: sample()[..6].to_vec(),
+                ..Batch::default()
+            })
+            .unwrap();
+        let first = store
+            .traces(&TraceQuery {
+                limit: 3,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        let cursor = first.next_cursor.clone();
+        assert_eq!(cursor.as_deref(), Some(trace_id(3).as_str()));
+        let second = store
+            .traces(&TraceQuery {
+                limit: 3,
+                cursor,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        assert_eq!(second.traces.len(), 3);
+        assert_eq!(second.next_cursor, None);
+    }
+
+    #[test]
+    fn bad_ids_and_cursors_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        assert!(matches!(
+            store.trace("not-a-uuid"),
+            Err(StoreError::InvalidTraceId { .. })
+        ));
+        let query = TraceQuery {
+            limit: 5,
+            cursor: Some("zzz".into()),
+            ..TraceQuery::default()
+        };
+        assert!(matches!(
+            store.traces(&query),
+            Err(StoreError::InvalidCursor { .. })
+        ));
+    }
+
+    #[test]
+    fn runs_and_experiments_round_trip_and_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let first = trace(1, "a", "r1", None);
+        let other = trace(2, "ab", "r2", None);
+        let runs = vec![Run::from_first(&first), Run::from_first(&other)];
+        let experiments = vec![
+            Experiment::from_first(&first),
+            Experiment::from_first(&other),
+        ];
+        store
+            .apply(&Batch {
+                traces: vec![],
+                runs: runs.clone(),
+                experiments: experiments.clone(),
+            })
+            .unwrap();
+
+        assert_eq!(store.run("r1").unwrap(), Some(runs[0].clone()));
+        assert_eq!(store.run("nope").unwrap(), None);
+        assert_eq!(store.runs(Some("a")).unwrap(), vec![runs[0].clone()]);
+        assert_eq!(store.runs(Some("ab")).unwrap(), vec![runs[1].clone()]);
+        assert_eq!(store.runs(None).unwrap().len(), 2);
+        assert_eq!(store.experiments().unwrap(), experiments);
+    }
+
+    #[test]
+    fn reopening_keeps_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let traces = sample();
+        let run = Run::from_first(&traces[0]);
+        {
+            let store = open(&dir);
+            store
+                .apply(&Batch {
+                    traces: traces.clone(),
+                    runs: vec![run.clone()],
+                    experiments: vec![],
+                })
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(store.trace(&traces[7].id).unwrap(), Some(traces[7].clone()));
+        assert_eq!(store.run(&run.id).unwrap(), Some(run));
+        let query = TraceQuery {
+            limit: 100,
+            ..TraceQuery::default()
+        };
+        assert_eq!(store.traces(&query).unwrap().traces.len(), traces.len());
+    }
+
+    #[test]
+    fn newer_schema_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let db = Config::new().path(&path).open().unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let Err(err) = SledStore::open(&path, CACHE) else {
+            panic!("a newer schema must be refused")
+        };
+        assert!(
+            matches!(err, StoreError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1)
+        );
+        assert!(err.to_string().contains("move the database aside"), "{err}");
+    }
+
+    #[test]
+    fn unopenable_path_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"not a directory").unwrap();
+        let Err(err) = SledStore::open(&file.join("db"), CACHE) else {
+            panic!("must fail")
+        };
+        let message = err.to_string();
+        assert!(
+            message.contains("a-file") && message.contains("move it aside"),
+            "{message}"
+        );
+    }
+}

@@ -1,0 +1,236 @@
+//! Reading what an answer cost in tokens, and what it said, from the provider's response:
+//! chat, completions, embeddings and responses shapes, whole JSON or SSE. Runs in the recorder.
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::providers::Endpoint;
+use crate::sse::{parse_event, EventSplitter};
+
+/// Token counts as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProviderUsage {
+    pub input: u64,
+    pub output: u64,
+    /// Part of `input` read from the provider's prompt cache (OpenAI's `prompt_tokens` already
+    /// includes it).
+    pub cached_input: u64,
+}
+
+/// Reads a `usage` object in either OpenAI shape (`prompt_tokens` / `input_tokens`).
+pub fn parse_usage(usage: &Value) -> Option<ProviderUsage> {
+    let number = |path: &str| usage.pointer(path).and_then(Value::as_u64);
+    if let Some(input) = number("/prompt_tokens") {
+        return Some(ProviderUsage {
+            input,
+            output: number("/completion_tokens").unwrap_or(0),
+            cached_input: number("/prompt_tokens_details/cached_tokens").unwrap_or(0),
+        });
+    }
+    let input = number("/input_tokens")?;
+    Some(ProviderUsage {
+        input,
+        output: number("/output_tokens").unwrap_or(0),
+        cached_input: number("/input_tokens_details/cached_tokens").unwrap_or(0),
+    })
+}
+
+/// What a response said and cost.
+#[derive(Debug, Default, PartialEq)]
+pub struct Answer {
+    pub usage: Option<ProviderUsage>,
+    /// The assembled text of the answer (streams), for the trace and for counting tokens.
+    pub text: String,
+    /// µs from request start to the first frame that carried content (streams).
+    pub first_content_us: Option<u64>,
+    /// The response parsed as JSON (non-streamed), for capture.
+    pub json: Option<Value>,
+    /// An error event the stream carried.
+    pub stream_error: Option<String>,
+}
+
+/// Reads a complete, non-streamed JSON response.
+pub fn from_json(endpoint: Endpoint, body: &[u8]) -> Answer {
+    let Ok(json) = serde_json::from_slice::<Value>(body) else {
+        return Answer::default();
+    };
+    let usage = json.get("usage").and_then(parse_usage);
+    let text = answer_text(endpoint, &json);
+    Answer {
+        usage,
+        text,
+        first_content_us: None,
+        json: Some(json),
+        stream_error: None,
+    }
+}
+
+fn answer_text(endpoint: Endpoint, json: &Value) -> String {
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            collect(json.pointer("/choices"), |c| c.pointer("/message/content"))
+        }
+        Endpoint::Completions => collect(json.pointer("/choices"), |c| c.get("text")),
+        Endpoint::Responses => collect(json.pointer("/output"), |item| item.get("content")),
+        _ => String::new(),
+    }
+}
+
+fn collect<'a>(items: Option<&'a Value>, pick: impl Fn(&'a Value) -> Option<&'a Value>) -> String {
+    let mut out = String::new();
+    for item in items.and_then(Value::as_array).into_iter().flatten() {
+        match pick(item) {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .for_each(|t| out.push_str(t)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Reads a streamed response from its frames (with arrival times).
+pub fn from_sse(endpoint: Endpoint, frames: &[(u64, Bytes)]) -> Answer {
+    let mut answer = Answer::default();
+    let mut splitter = EventSplitter::default();
+    for (at_us, frame) in frames {
+        splitter.push(frame);
+        while let Some(raw) = splitter.next_event() {
+            let had_text = !answer.text.is_empty();
+            read_event(endpoint, &raw, &mut answer);
+            if !had_text && !answer.text.is_empty() && answer.first_content_us.is_none() {
+                answer.first_content_us = Some(*at_us);
+            }
+        }
+    }
+    answer
+}
+
+fn read_event(endpoint: Endpoint, raw: &[u8], answer: &mut Answer) {
+    let event = parse_event(raw);
+    if event.data.is_empty() || event.data == "[DONE]" {
+        return;
+    }
+    let Ok(json) = serde_json::from_str::<Value>(&event.data) else {
+        return;
+    };
+    if let Some(error) = json.get("error").filter(|e| !e.is_null()) {
+        answer.stream_error = Some(
+            error
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| error.to_string(), str::to_owned),
+        );
+    }
+    match endpoint {
+        Endpoint::Responses => match json.get("type").and_then(Value::as_str) {
+            Some("response.output_text.delta") => {
+                if let Some(delta) = json.get("delta").and_then(Value::as_str) {
+                    answer.text.push_str(delta);
+                }
+            }
+            Some("response.completed") | Some("response.incomplete") | Some("response.failed") => {
+                if let Some(usage) = json.pointer("/response/usage").and_then(parse_usage) {
+                    answer.usage = Some(usage);
+                }
+            }
+            _ => {}
+        },
+        _ => {
+            for choice in json
+                .get("choices")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let piece = choice
+                    .pointer("/delta/content")
+                    .or_else(|| choice.get("text"));
+                if let Some(text) = piece.and_then(Value::as_str) {
+                    answer.text.push_str(text);
+                }
+            }
+            if let Some(usage) = json.get("usage").and_then(parse_usage) {
+                answer.usage = Some(usage);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_shapes() {
+        let cases = [
+            (
+                r#"{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}"#,
+                (10, 5, 4),
+            ),
+            (r#"{"prompt_tokens":7,"total_tokens":7}"#, (7, 0, 0)),
+            (
+                r#"{"input_tokens":3,"output_tokens":9,"input_tokens_details":{"cached_tokens":1}}"#,
+                (3, 9, 1),
+            ),
+        ];
+        for (json, (input, output, cached)) in cases {
+            let usage = parse_usage(&serde_json::from_str(json).unwrap()).unwrap();
+            assert_eq!(
+                usage,
+                ProviderUsage {
+                    input,
+                    output,
+                    cached_input: cached
+                },
+                "{json}"
+            );
+        }
+        assert!(parse_usage(&serde_json::json!({"foo": 1})).is_none());
+    }
+
+    #[test]
+    fn chat_stream_assembles_text_usage_and_first_content() {
+        let frames = vec![
+            (100, Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n")),
+            (200, Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel")),
+            (300, Bytes::from_static(b"lo\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n")),
+        ];
+        let answer = from_sse(Endpoint::ChatCompletions, &frames);
+        assert_eq!(answer.text, "Hello");
+        assert_eq!(answer.first_content_us, Some(300));
+        assert_eq!(
+            answer.usage,
+            Some(ProviderUsage {
+                input: 3,
+                output: 1,
+                cached_input: 0
+            })
+        );
+    }
+
+    #[test]
+    fn responses_stream_reads_completed_usage() {
+        let frames = vec![(
+            5,
+            Bytes::from_static(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":2,\"output_tokens\":1}}}\n\n"),
+        )];
+        let answer = from_sse(Endpoint::Responses, &frames);
+        assert_eq!(answer.text, "Hi");
+        assert_eq!(answer.usage.map(|u| (u.input, u.output)), Some((2, 1)));
+    }
+
+    #[test]
+    fn json_answers() {
+        let chat = from_json(Endpoint::ChatCompletions, br#"{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
+        assert_eq!(chat.text, "ok");
+        let responses = from_json(Endpoint::Responses, br#"{"output":[{"content":[{"type":"output_text","text":"yo"}]}],"usage":{"input_tokens":1,"output_tokens":1}}"#);
+        assert_eq!(responses.text, "yo");
+        assert_eq!(
+            from_json(Endpoint::Embeddings, b"not json"),
+            Answer::default()
+        );
+    }
+}
