@@ -42,7 +42,14 @@ setup_python() {
         echo "already installed"
         return
     fi
-    [ -x .venv/bin/python ] || python3 -m venv .venv
+    if [ ! -x .venv/bin/python ]; then
+        # Debian ships venv's pip bootstrap separately.
+        python3 -c 'import ensurepip' 2>/dev/null || {
+            as_root apt-get update
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv
+        }
+        python3 -m venv .venv
+    fi
     .venv/bin/python -m pip install --quiet --disable-pip-version-check \
         "openai==$OPENAI_VERSION" "pytest==$PYTEST_VERSION"
 }

@@ -156,7 +156,9 @@ pub enum CliError {
     InvalidToken(#[source] header::InvalidHeaderValue),
     #[error("cannot set up TLS: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("cannot connect to {url} ({cause}); is `flowgate serve` running?")]
+    #[error("cannot connect to {url}: {cause}; is `flowgate serve` running?")]
+    Refused { url: String, cause: String },
+    #[error("cannot connect to {url}: {cause}")]
     Unreachable { url: String, cause: String },
     #[error("request to {url} failed: {cause}")]
     Request { url: String, cause: String },
@@ -358,24 +360,23 @@ fn http_client() -> Result<HttpsClient, CliError> {
 
 /// Joins the user's base URL (which may carry a path prefix behind a proxy) and an API path.
 fn endpoint_uri(base: &str, path_and_query: &str) -> Result<Uri, CliError> {
-    let invalid = |reason: String| CliError::InvalidUrl {
+    let invalid = |reason: &str| CliError::InvalidUrl {
         url: base.to_string(),
-        reason,
+        reason: reason.to_string(),
     };
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(invalid("expected http://HOST:PORT or https://HOST:PORT"));
+    }
+    // The API path and query are appended, so the base must end at its path.
+    if base.contains(['?', '#']) {
+        return Err(invalid("must not contain a query or fragment"));
+    }
     let joined = format!("{}{}", base.trim_end_matches('/'), path_and_query);
     let uri: Uri = joined
         .parse()
-        .map_err(|err: http::uri::InvalidUri| invalid(err.to_string()))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") => {}
-        _ => {
-            return Err(invalid(
-                "expected http://HOST:PORT or https://HOST:PORT".into(),
-            ))
-        }
-    }
-    if uri.authority().is_none() {
-        return Err(invalid("missing host".into()));
+        .map_err(|err: http::uri::InvalidUri| invalid(&err.to_string()))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid("missing host"));
     }
     Ok(uri)
 }
@@ -397,17 +398,38 @@ fn build_request(uri: Uri, token: Option<&str>) -> Result<Request<Empty<Bytes>>,
 }
 
 fn request_error(err: &hyper_util::client::legacy::Error, base: &str, url: &str) -> CliError {
-    if err.is_connect() {
+    let cause = root_cause(err);
+    if is_connection_refused(err) {
+        CliError::Refused {
+            url: base.to_string(),
+            cause,
+        }
+    } else if err.is_connect() {
+        // DNS, TLS handshake, unreachable network: the gateway may well be running, so no hint.
         CliError::Unreachable {
             url: base.to_string(),
-            cause: root_cause(err),
+            cause,
         }
     } else {
         CliError::Request {
             url: url.to_string(),
-            cause: root_cause(err),
+            cause,
         }
     }
+}
+
+fn is_connection_refused(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        let refused = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        if refused {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// The innermost cause says what actually happened ("Connection refused"); the outer layers only
@@ -1267,6 +1289,13 @@ mod tests {
         );
         assert!(endpoint_uri("127.0.0.1:8080", "/api/v1/runs").is_err());
         assert!(endpoint_uri("ftp://host", "/api/v1/runs").is_err());
+        assert!(endpoint_uri("http://host/?x=1", "/api/v1/runs").is_err());
+        assert!(endpoint_uri("http://", "/api/v1/runs").is_err());
+        let prefixed = endpoint_uri("https://gw.example/flowgate/", "/api/v1/experiments");
+        assert_eq!(
+            prefixed.map(|u| u.to_string()).ok().as_deref(),
+            Some("https://gw.example/flowgate/api/v1/experiments")
+        );
     }
 
     #[test]

@@ -291,6 +291,19 @@ impl MeteredBody {
     }
 }
 
+impl Drop for MeteredBody {
+    /// The client went away mid-answer: record what it was sent so far.
+    fn drop(&mut self) {
+        if !matches!(self.state, State::Done) {
+            self.draft.fail(
+                "cancelled",
+                "the client closed the connection before the answer ended",
+            );
+            self.end();
+        }
+    }
+}
+
 impl Body for MeteredBody {
     type Data = Bytes;
     type Error = BoxError;

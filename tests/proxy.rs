@@ -1,0 +1,515 @@
+//! The proxy as a client sees it: forwarding, streaming, metering and one trace per call.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const TAGS: [(&str, &str); 3] = [
+    ("x-flowgate-experiment", "summaries"),
+    ("x-flowgate-prompt-version", "v2"),
+    ("x-flowgate-params", "k=5,reranker=bge"),
+];
+
+fn chat_body(stream: bool) -> Value {
+    json!({"model": "gpt-4o-mini", "stream": stream, "temperature": 0.2,
+           "messages": [{"role": "user", "content": "Summarise the plot of Hamlet"}]})
+}
+
+#[tokio::test]
+async fn non_streamed_chat_is_forwarded_byte_for_byte_and_traced() {
+    let upstream =
+        Upstream::start(|_| Reply::Json(200, chat_completion("Revenge, mostly.", 12, 4))).await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let mut headers = TAGS.to_vec();
+    headers.push(("authorization", "Bearer sk-client-key"));
+    let reply = gateway.chat(&headers, chat_body(false)).await;
+
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json(), chat_completion("Revenge, mostly.", 12, 4));
+    let trace_id = reply.header("x-flowgate-trace-id").to_owned();
+    let run_id = reply.header("x-flowgate-run-id").to_owned();
+
+    let seen = upstream.last();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(
+        seen.body,
+        chat_body(false).to_string().as_bytes(),
+        "the body must go upstream untouched"
+    );
+    assert!(
+        seen.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-flowgate-")),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(
+        seen.headers["authorization"], "Bearer sk-client-key",
+        "no provider key: the client's is forwarded"
+    );
+
+    let trace = gateway.trace(&trace_id).await;
+    assert_eq!(trace["experiment"], "summaries");
+    assert_eq!(trace["prompt_version"], "v2");
+    assert_eq!(trace["params"], json!({"k": "5", "reranker": "bge"}));
+    assert_eq!(trace["run_id"], run_id.as_str());
+    assert_eq!(trace["provider"], "openai");
+    assert_eq!(trace["served_model"], "gpt-4o-mini");
+    assert_eq!(trace["sampling"]["temperature"], 0.2);
+    assert_eq!(trace["status"], 200);
+    assert_eq!(
+        trace["usage"],
+        json!({"input_tokens": 12, "output_tokens": 4, "cached_input_tokens": 0, "source": "provider"})
+    );
+    assert!(
+        trace["cost_usd"].as_f64().unwrap() > 0.0,
+        "gpt-4o-mini is priced: {trace}"
+    );
+    assert!(
+        trace["latency"]["total_ms"].as_f64().unwrap()
+            >= trace["latency"]["upstream_ms"].as_f64().unwrap()
+    );
+    assert_eq!(
+        trace["response_body"]["content"],
+        chat_completion("Revenge, mostly.", 12, 4)
+    );
+    let stored = trace.to_string();
+    assert!(
+        !stored.contains("sk-client-key"),
+        "the client's key must never be stored: {stored}"
+    );
+
+    let run = gateway.admin(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(run["metrics"]["requests"], 1);
+    assert_eq!(run["metrics"]["input_tokens"], 12);
+    assert_eq!(run["prompt_version"], "v2");
+}
+
+#[tokio::test]
+async fn provider_key_replaces_the_clients() {
+    let upstream = Upstream::start(|_| Reply::Json(200, chat_completion("ok", 1, 1))).await;
+    let extra = format!(
+        "[[providers]]\nname = \"keyed\"\nkind = \"openai\"\nbase_url = \"{}\"\napi_key = \"sk-provider-secret\"\nmodels = [\"keyed-*\"]",
+        upstream.base_url()
+    );
+    let gateway = TestGateway::start(&upstream.base_url(), "", &extra).await;
+    let reply = gateway
+        .chat(
+            &[("authorization", "Bearer sk-client")],
+            json!({"model": "keyed-model", "messages": []}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        upstream.last().headers["authorization"],
+        "Bearer sk-provider-secret"
+    );
+    let trace = gateway
+        .trace(reply.header("x-flowgate-trace-id"))
+        .await
+        .to_string();
+    assert!(
+        !trace.contains("sk-provider-secret") && !trace.contains("sk-client"),
+        "{trace}"
+    );
+}
+
+#[tokio::test]
+async fn stream_without_include_usage_asks_upstream_and_hides_the_extra_chunk() {
+    let upstream = Upstream::start(|seen| {
+        let with_usage = asked_for_usage(seen);
+        Reply::Sse(
+            streamed_answer(&["To ", "be"], with_usage)
+                .into_iter()
+                .map(|e| (Duration::ZERO, e))
+                .collect(),
+        )
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let reply = gateway.chat(&TAGS, chat_body(true)).await;
+
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        asked_for_usage(&upstream.last()),
+        "the gateway must ask the upstream for usage"
+    );
+    let events = sse_data(&reply.body);
+    assert_eq!(
+        events.len(),
+        3,
+        "two content chunks and [DONE], no usage chunk: {events:?}"
+    );
+    assert!(
+        events.iter().all(|e| !e.contains("\"usage\":{")),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap(), "[DONE]");
+
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["stream"], true);
+    assert_eq!(trace["usage"]["input_tokens"], 11);
+    assert_eq!(trace["usage"]["output_tokens"], 2);
+    assert_eq!(trace["usage"]["source"], "provider");
+    assert_eq!(trace["response_body"]["content"], "To be");
+    assert!(trace["latency"]["ttft_ms"].as_f64().is_some(), "{trace}");
+}
+
+#[tokio::test]
+async fn stream_with_include_usage_is_forwarded_untouched() {
+    let upstream = Upstream::start(|seen| {
+        Reply::Sse(
+            streamed_answer(&["Hi"], asked_for_usage(seen))
+                .into_iter()
+                .map(|e| (Duration::ZERO, e))
+                .collect(),
+        )
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let mut body = chat_body(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let reply = gateway.chat(&[], body.clone()).await;
+
+    assert_eq!(upstream.last().body, body.to_string().as_bytes());
+    let expected: String = streamed_answer(&["Hi"], true).concat();
+    assert_eq!(
+        reply.text(),
+        expected,
+        "the client asked for usage: every byte passes"
+    );
+}
+
+#[tokio::test]
+async fn a_chunk_reaches_the_client_while_the_upstream_is_still_sending() {
+    let (release, events) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let events = std::sync::Mutex::new(Some(events));
+    let upstream =
+        Upstream::start(move |_| Reply::SseControlled(events.lock().unwrap().take().unwrap()))
+            .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+
+    release.send(chunk("first")).unwrap();
+    let response = open(
+        Method::POST,
+        &format!("{}/v1/chat/completions", gateway.url),
+        &[("content-type", "application/json")],
+        &chat_body(true).to_string(),
+    )
+    .await;
+    let mut body = response.into_body();
+    // The upstream has sent only the first chunk and is waiting: it must already be here.
+    let first = next_data(&mut body, Duration::from_secs(5)).await.unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("first"));
+    release.send(chunk("second")).unwrap();
+    let second = next_data(&mut body, Duration::from_secs(5)).await.unwrap();
+    assert!(String::from_utf8_lossy(&second).contains("second"));
+    release.send(DONE.to_owned()).unwrap();
+    drop(release);
+    let mut rest = Vec::new();
+    while let Some(data) = next_data(&mut body, Duration::from_secs(5)).await {
+        rest.extend_from_slice(&data);
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn embeddings_and_responses_are_metered_from_their_usage_shapes() {
+    let upstream = Upstream::start(|seen| match seen.path.as_str() {
+        "/v1/embeddings" => Reply::Json(200, json!({"object": "list", "model": "text-embedding-3-small",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+            "usage": {"prompt_tokens": 7, "total_tokens": 7}})),
+        _ => Reply::Json(200, json!({"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o",
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hey"}]}],
+            "usage": {"input_tokens": 9, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 4}}})),
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let json_header = [("content-type", "application/json")];
+    let embeddings = send(
+        Method::POST,
+        &format!("{}/v1/embeddings", gateway.url),
+        &json_header,
+        r#"{"model":"text-embedding-3-small","input":"hello"}"#,
+    )
+    .await;
+    let responses = send(
+        Method::POST,
+        &format!("{}/v1/responses", gateway.url),
+        &json_header,
+        r#"{"model":"gpt-4o","input":"hello"}"#,
+    )
+    .await;
+
+    let trace = gateway
+        .trace(embeddings.header("x-flowgate-trace-id"))
+        .await;
+    assert_eq!(trace["endpoint"], "embeddings");
+    assert_eq!(trace["usage"]["input_tokens"], 7);
+    assert!(trace["cost_usd"].as_f64().unwrap() > 0.0);
+    let trace = gateway.trace(responses.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["endpoint"], "responses");
+    assert_eq!(
+        trace["usage"],
+        json!({"input_tokens": 9, "output_tokens": 3, "cached_input_tokens": 4, "source": "provider"})
+    );
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_is_counted_with_tiktoken_and_marked() {
+    let upstream = Upstream::start(|_| {
+        Reply::Sse(
+            streamed_answer(&["Hello", " world"], false)
+                .into_iter()
+                .map(|e| (Duration::ZERO, e))
+                .collect(),
+        )
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let reply = gateway.chat(&[], chat_body(true)).await;
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["usage"]["source"], "counted");
+    assert_eq!(
+        trace["usage"]["output_tokens"], 2,
+        "'Hello world' is two tokens"
+    );
+    assert!(trace["usage"]["input_tokens"].as_u64().unwrap() > 5);
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_and_count_as_errors() {
+    for status in [429u16, 500] {
+        let upstream = Upstream::start(move |_| {
+            Reply::Json(status, json!({"error": {"message": "slow down", "type": "rate_limit", "code": "rate_limit_exceeded"}}))
+        })
+        .await;
+        let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+        let reply = gateway.chat(&TAGS, chat_body(false)).await;
+        assert_eq!(reply.status.as_u16(), status);
+        assert_eq!(
+            reply.json()["error"]["message"],
+            "slow down",
+            "the provider's error reaches the client"
+        );
+        let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+        assert_eq!(trace["status"], status);
+        assert_eq!(trace["error"]["class"], "upstream_http");
+        assert!(
+            trace["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("slow down"),
+            "{trace}"
+        );
+        let run = gateway
+            .admin(&format!(
+                "/api/v1/runs/{}",
+                reply.header("x-flowgate-run-id")
+            ))
+            .await;
+        assert_eq!(run["metrics"]["error_rate"], 1.0);
+    }
+}
+
+#[tokio::test]
+async fn upstream_down_is_a_502_and_too_slow_is_a_504() {
+    // Bind then drop: nothing listens on this port any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gateway = TestGateway::start(&format!("http://{closed}/v1"), "", "").await;
+    let reply = gateway.chat(&[], chat_body(false)).await;
+    reply.assert_error(502, "upstream_unreachable");
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["error"]["class"], "upstream_unreachable");
+    assert_eq!(trace["status"], 502);
+
+    let upstream = Upstream::start(|_| Reply::Hang).await;
+    let gateway = TestGateway::start(&upstream.base_url(), "request_timeout_ms = 300", "").await;
+    let started = std::time::Instant::now();
+    let reply = gateway.chat(&[], chat_body(false)).await;
+    reply.assert_error(504, "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["error"]["class"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn a_stream_past_the_deadline_ends_with_an_error_event() {
+    let upstream = Upstream::start(|_| {
+        Reply::Sse(vec![
+            (Duration::ZERO, chunk("early")),
+            (Duration::from_secs(30), chunk("late")),
+        ])
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "request_timeout_ms = 400", "").await;
+    let reply = gateway.chat(&[], chat_body(true)).await;
+    let events = sse_data(&reply.body);
+    assert!(events[0].contains("early"));
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_timeout", "{events:?}");
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["error"]["class"], "timeout");
+    assert_eq!(trace["response_body"]["content"], "early");
+}
+
+#[tokio::test]
+async fn an_upstream_cut_mid_stream_gives_a_well_formed_end_and_a_trace() {
+    let upstream = Upstream::start(|_| Reply::SseThenCut(vec![chunk("partial")])).await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let reply = gateway.chat(&[], chat_body(true)).await;
+    let events = sse_data(&reply.body);
+    assert!(events[0].contains("partial"));
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_stream_error", "{events:?}");
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["error"]["class"], "upstream_stream");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_leaves_a_cancelled_trace_with_what_was_sent() {
+    let upstream = Upstream::start(|_| {
+        Reply::Sse(vec![
+            (Duration::ZERO, chunk("Once")),
+            (Duration::from_secs(30), chunk(" upon")),
+        ])
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let response = open(
+        Method::POST,
+        &format!("{}/v1/chat/completions", gateway.url),
+        &[
+            ("content-type", "application/json"),
+            ("x-flowgate-session", "s-42"),
+        ],
+        &chat_body(true).to_string(),
+    )
+    .await;
+    let trace_id = response.headers()["x-flowgate-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut body = response.into_body();
+    assert!(next_data(&mut body, Duration::from_secs(5)).await.is_some());
+    drop(body);
+
+    let trace = eventually(Duration::from_secs(5), async || {
+        let reply = send(
+            Method::GET,
+            &format!("{}/api/v1/traces/{trace_id}", gateway.url),
+            &[],
+            "",
+        )
+        .await;
+        (reply.status == StatusCode::OK).then(|| reply.json())
+    })
+    .await;
+    assert_eq!(trace["error"]["class"], "cancelled");
+    assert_eq!(trace["session"], "s-42");
+    assert_eq!(trace["response_body"]["content"], "Once");
+    assert_eq!(
+        trace["usage"]["source"], "counted",
+        "a cancelled stream still cost its partial answer"
+    );
+}
+
+#[tokio::test]
+async fn other_v1_paths_pass_through_and_are_traced() {
+    let upstream = Upstream::start(|seen| {
+        Reply::Json(
+            200,
+            json!({"object": "list", "data": [], "path": seen.path}),
+        )
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let reply = send(
+        Method::GET,
+        &format!("{}/v1/files?purpose=batch", gateway.url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(upstream.last().path, "/v1/files?purpose=batch");
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["endpoint"], "passthrough");
+    assert_eq!(trace["path"], "/v1/files");
+    assert_eq!(trace["provider"], "openai");
+}
+
+#[tokio::test]
+async fn model_list_merges_the_upstreams_models_that_route_there() {
+    let upstream = Upstream::start(|_| {
+        Reply::Json(200, json!({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}, {"id": "whisper-1", "object": "model"}]}))
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let reply = send(Method::GET, &format!("{}/v1/models", gateway.url), &[], "").await;
+    let ids: Vec<String> = reply.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ids.contains(&"gpt-4o".to_owned()), "{ids:?}");
+    assert!(
+        !ids.contains(&"whisper-1".to_owned()),
+        "whisper-1 does not route to this provider: {ids:?}"
+    );
+    assert!(ids.contains(&"mock/gpt-4o-mini".to_owned()), "{ids:?}");
+}
+
+#[tokio::test]
+async fn the_built_in_mock_answers_every_endpoint_without_a_key() {
+    let gateway = TestGateway::start("http://127.0.0.1:9/v1", "", "").await;
+    let json_header = [("content-type", "application/json")];
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "mock/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+            "chat.completion",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "mock/gpt-4o-mini", "prompt": "hi"}),
+            "text_completion",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "mock/text-embedding-3-small", "input": ["a", "b"]}),
+            "list",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "mock/gpt-4o-mini", "input": "hi"}),
+            "response",
+        ),
+    ];
+    for (path, body, object) in cases {
+        let reply = send(
+            Method::POST,
+            &format!("{}{path}", gateway.url),
+            &json_header,
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.text());
+        assert_eq!(reply.json()["object"], object, "{path}");
+        let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+        assert_eq!(trace["provider"], "mock", "{path}");
+        assert_eq!(trace["usage"]["source"], "provider", "{path}");
+        assert!(
+            trace["usage"]["input_tokens"].as_u64().unwrap() > 0,
+            "{path}"
+        );
+    }
+}
