@@ -55,7 +55,7 @@ setup_python() {
 }
 
 setup_prometheus() {
-    section "prometheus (promtool checks the metrics exposition)"
+    section "prometheus + promtool (Debian package)"
     if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
         echo "already installed: $(command -v promtool)"
         return

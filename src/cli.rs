@@ -180,19 +180,11 @@ pub enum CliError {
     Output(#[from] std::io::Error),
 }
 
-/// Performs a read command against the admin API and prints the answer.
+/// Performs a read command against the admin API and prints the answer on stdout.
 ///
-/// Every failure is reported on stderr here, so the caller only has to turn `Err` into exit
-/// code 1 (printing it again would say the same thing twice).
+/// Prints nothing on failure: the error's message says what happened (for a refused answer, the
+/// URL, the status and the API's `error.message`), and the caller reports it and exits 1.
 pub async fn run_client(command: &Command) -> Result<(), CliError> {
-    let result = dispatch(command).await;
-    if let Err(err) = &result {
-        eprintln!("flowgate: {err}");
-    }
-    result
-}
-
-async fn dispatch(command: &Command) -> Result<(), CliError> {
     match command {
         Command::Serve { .. } => Err(CliError::NotAClientCommand("serve")),
         Command::CheckConfig { .. } => Err(CliError::NotAClientCommand("check-config")),
@@ -788,10 +780,11 @@ pub fn format_metric(path: &str, value: Option<&Value>) -> String {
     }
 }
 
-/// Every leaf path under `value` (dotted); `null` and empty objects count as leaves.
+/// Every leaf path under `value` (dotted). `null` is a leaf (a metric without data yet); an empty
+/// object has none (no guardrail configured, no score posted: nothing to show).
 fn leaf_paths(prefix: &str, value: &Value, out: &mut Vec<String>) {
     match value {
-        Value::Object(map) if !map.is_empty() => {
+        Value::Object(map) => {
             for (key, child) in map {
                 let path = if prefix.is_empty() {
                     key.clone()
@@ -1316,7 +1309,7 @@ mod tests {
                 "latency_ms": {"p50": 1.0, "p95": p95, "p99": p95, "mean": 1.0},
                 "ttft_ms": null,
                 "input_tokens": 10, "output_tokens": 20, "cost_usd": 0.00012,
-                "scores": {"em": {"count": 2, "mean": 0.5}}
+                "scores": {"em": {"count": 2, "mean": 0.5}}, "guardrails": {}
             }
         })
     }
