@@ -170,7 +170,12 @@ mod tests {
 
     #[test]
     fn prompt_forms() {
-        let cases: [(&[(&'static str, &str)], Option<&str>, Option<&str>); 4] = [
+        type Case<'a> = (
+            &'a [(&'static str, &'a str)],
+            Option<&'a str>,
+            Option<&'a str>,
+        );
+        let cases: [Case; 4] = [
             (&[(PROMPT, "summarise@v3")], Some("summarise"), Some("v3")),
             (
                 &[(PROMPT, "summarise"), (PROMPT_VERSION, "v2")],

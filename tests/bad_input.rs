@@ -7,6 +7,18 @@ use common::*;
 use http::Method;
 use serde_json::json;
 
+/// (what, method, url, headers, body, status, error code, traced)
+type Case<'a> = (
+    &'a str,
+    Method,
+    String,
+    Vec<(&'a str, &'a str)>,
+    String,
+    u16,
+    &'a str,
+    bool,
+);
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_traces() {
     let upstream = Upstream::start(|_| Reply::Json(200, chat_completion("ok", 1, 1))).await;
@@ -17,17 +29,7 @@ async fn bad_requests_get_clear_errors_and_traces() {
         r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{}"}}]}}"#,
         "x".repeat(4096)
     );
-    // (what, method, url, headers, body, status, code, traced)
-    let cases: Vec<(
-        &str,
-        Method,
-        String,
-        Vec<(&str, &str)>,
-        String,
-        u16,
-        &str,
-        bool,
-    )> = vec![
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             Method::POST,

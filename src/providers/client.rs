@@ -95,22 +95,20 @@ pub fn build(
 
 /// Whether a client error came from the TLS layer (an untrusted certificate, say).
 pub fn is_tls_error(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(err);
-    while let Some(e) = current {
-        if e.downcast_ref::<rustls::Error>().is_some() {
+    if err.downcast_ref::<rustls::Error>().is_some() {
+        return true;
+    }
+    // `io::Error::source` skips the error it wraps, and the TLS connector wraps twice: look
+    // inside io errors explicitly.
+    if let Some(inner) = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        if is_tls_error(inner) {
             return true;
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-            {
-                return true;
-            }
-        }
-        current = e.source();
     }
-    false
+    err.source().is_some_and(is_tls_error)
 }
 
 /// The innermost cause, which is the one worth showing (`connection refused`, `UnknownIssuer`).

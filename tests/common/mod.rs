@@ -36,6 +36,7 @@ pub struct Seen {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    pub version: http::Version,
 }
 
 impl Seen {
@@ -151,11 +152,17 @@ async fn answer(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    // HTTP/2 requests carry the whole URL; tests compare the path and query.
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.to_string(), |p| p.to_string());
     let request = Seen {
         method: parts.method,
-        path: parts.uri.to_string(),
+        path,
         headers: parts.headers,
         body,
+        version: parts.version,
     };
     seen.lock().unwrap().push(request.clone());
     let reply = handler(&request);
