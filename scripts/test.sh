@@ -8,6 +8,10 @@ set -euo pipefail
 
 OPENAI_VERSION="${FLOWGATE_TEST_OPENAI_VERSION:-3.57.0}"
 PYTEST_VERSION="${FLOWGATE_TEST_PYTEST_VERSION:-9.2.0}"
+# For tests/interop/test_openapi_shapes.py (validates bodies against OpenAI's OpenAPI spec).
+JSONSCHEMA_VERSION="${FLOWGATE_TEST_JSONSCHEMA_VERSION:-4.26.0}"
+REFERENCING_VERSION="${FLOWGATE_TEST_REFERENCING_VERSION:-0.37.0}"
+PYYAML_VERSION="${FLOWGATE_TEST_PYYAML_VERSION:-6.0.3}"
 
 # Work from the repo root whatever the caller's cwd.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,16 +32,19 @@ as_root() {
 # True when the venv already has the wanted versions, so pip (and the network) can be skipped.
 venv_is_ready() {
     [ -x .venv/bin/python ] || return 1
-    .venv/bin/python - "$OPENAI_VERSION" "$PYTEST_VERSION" <<'PY' >/dev/null 2>&1
+    .venv/bin/python - "$OPENAI_VERSION" "$PYTEST_VERSION" "$JSONSCHEMA_VERSION" "$REFERENCING_VERSION" \
+        "$PYYAML_VERSION" <<'PY' >/dev/null 2>&1
 import sys
 from importlib.metadata import version
-import openai, pytest  # noqa: F401  (importable, not just installed)
-sys.exit(0 if (version("openai"), version("pytest")) == (sys.argv[1], sys.argv[2]) else 1)
+import jsonschema, openai, pytest, referencing, yaml  # noqa: F401  (importable, not just installed)
+wanted = ("openai", "pytest", "jsonschema", "referencing", "PyYAML")
+sys.exit(0 if tuple(version(name) for name in wanted) == tuple(sys.argv[1:]) else 1)
 PY
 }
 
 setup_python() {
-    section "python venv (.venv: openai==$OPENAI_VERSION, pytest==$PYTEST_VERSION)"
+    section "python venv (.venv: openai==$OPENAI_VERSION, pytest==$PYTEST_VERSION," \
+        "jsonschema==$JSONSCHEMA_VERSION, referencing==$REFERENCING_VERSION, PyYAML==$PYYAML_VERSION)"
     if venv_is_ready; then
         echo "already installed"
         return
@@ -51,7 +58,8 @@ setup_python() {
         python3 -m venv .venv
     fi
     .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-        "openai==$OPENAI_VERSION" "pytest==$PYTEST_VERSION"
+        "openai==$OPENAI_VERSION" "pytest==$PYTEST_VERSION" "jsonschema==$JSONSCHEMA_VERSION" \
+        "referencing==$REFERENCING_VERSION" "PyYAML==$PYYAML_VERSION"
 }
 
 setup_prometheus() {

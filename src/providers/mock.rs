@@ -134,7 +134,7 @@ impl Usage {
         json!({
             "input_tokens": self.input, "output_tokens": self.output,
             "total_tokens": self.input + self.output,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens_details": {"reasoning_tokens": 0},
         })
     }
@@ -144,9 +144,11 @@ fn response_object(id: &str, model: &str, text: &str, usage: Usage) -> Value {
     json!({
         "id": format!("resp_{id}"), "object": "response", "created_at": 1_700_000_000,
         "status": "completed", "model": model, "error": null, "incomplete_details": null,
+        "instructions": null, "metadata": {}, "tools": [], "tool_choice": "auto",
+        "parallel_tool_calls": true, "temperature": 1.0, "top_p": 1.0,
         "output": [{
             "type": "message", "id": format!("msg_{id}"), "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
         }],
         "usage": usage.responses(),
     })
@@ -226,22 +228,25 @@ fn response_events(
     let mut created = response_object(id, model, "", usage);
     created["status"] = json!("in_progress");
     created["output"] = json!([]);
-    created["usage"] = Value::Null;
+    if let Some(object) = created.as_object_mut() {
+        object.remove("usage");
+    }
     let mut events = vec![named(
         "response.created",
-        &json!({"type": "response.created", "response": created}),
+        &json!({"type": "response.created", "sequence_number": 0, "response": created}),
     )];
-    for word in words {
+    for (sequence, word) in (1..).zip(words) {
         events.push(named(
             "response.output_text.delta",
-            &json!({"type": "response.output_text.delta", "item_id": format!("msg_{id}"),
-                    "output_index": 0, "content_index": 0, "delta": word}),
+            &json!({"type": "response.output_text.delta", "sequence_number": sequence,
+                    "item_id": format!("msg_{id}"), "output_index": 0, "content_index": 0,
+                    "delta": word, "logprobs": []}),
         ));
     }
     let completed = response_object(id, model, text, usage);
     events.push(named(
         "response.completed",
-        &json!({"type": "response.completed", "response": completed}),
+        &json!({"type": "response.completed", "sequence_number": words.len() + 1, "response": completed}),
     ));
     events
 }

@@ -63,7 +63,7 @@ SCHEMA_NAMES = (
 
 # How many validation errors a failure message lists (each with its nested anyOf/oneOf causes).
 MAX_REPORTED_ERRORS = 25
-MAX_REPORTED_CAUSES = 8
+MAX_REPORTED_CAUSES = 20
 
 
 # --- the spec -------------------------------------------------------------------------------
@@ -124,15 +124,38 @@ class Spec:
     def errors(self, name: str, instance: Any) -> list[jsonschema.ValidationError]:
         return sorted(self.validator(name).iter_errors(instance), key=lambda e: list(e.absolute_path))
 
-    def assert_valid(self, name: str, instance: Any, what: str) -> None:
+    def problems(self, name: str, instance: Any) -> Optional[str]:
+        """None when `instance` validates against schema `name`, else every error, described."""
         errors = self.errors(name, instance)
-        if errors:
+        return f"{len(errors)} error(s):\n{describe(errors)}" if errors else None
+
+    def assert_valid(self, name: str, instance: Any, what: str) -> None:
+        problems = self.problems(name, instance)
+        if problems:
             pytest.fail(
-                f"{what} does not validate against {name} ({len(errors)} error(s)):\n"
-                + describe(errors)
-                + f"\n\nbody:\n{json.dumps(instance, indent=1)[:4000]}",
+                f"{what} does not validate against {name}, {problems}"
+                f"\n\nbody:\n{json.dumps(instance, indent=1)[:4000]}",
                 pytrace=False,
             )
+
+    def assert_all_valid(self, items: list[tuple[str, Any, str]]) -> None:
+        """Validates (schema name, instance, what) items; fails once, naming every failing item.
+
+        Items failing with the same errors (a stream's many deltas) are reported together."""
+        failures: dict[str, list[tuple[str, Any]]] = {}
+        for name, instance, what in items:
+            problems = self.problems(name, instance)
+            if problems:
+                failures.setdefault(f"against {name}, {problems}", []).append((what, instance))
+        if failures:
+            report = []
+            for problems, failed in failures.items():
+                whats = ", ".join(what for what, _ in failed)
+                report.append(
+                    f"{whats} do(es) not validate {problems}"
+                    f"\n\nbody of the first:\n{json.dumps(failed[0][1], indent=1)[:3000]}"
+                )
+            pytest.fail("\n\n".join(report), pytrace=False)
 
 
 def json_path(path) -> str:
@@ -287,6 +310,35 @@ def test_schema_names_exist(spec: Spec, name: str):
     assert name in spec.schemas, f"{name} is not in {SPEC_PATH} components/schemas"
 
 
+# The harness itself: each of these must fail, so a pass above is not a vacuous one (an
+# unresolved $ref, a union that accepts anything); the nullable translation must keep `null` only.
+CHUNK = {
+    "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+    "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}],
+}
+WRONG_SHAPES = [
+    pytest.param(ERROR_RESPONSE, {}, id="error-without-error"),
+    pytest.param(ERROR_RESPONSE, {"error": {"message": "m", "type": "t", "param": None}}, id="error-without-code"),
+    pytest.param(CHAT_CHUNK, dict(CHUNK, object="chat.completion"), id="chunk-wrong-object"),
+    pytest.param(
+        CHAT_CHUNK, dict(CHUNK, choices=[dict(CHUNK["choices"][0], finish_reason="done")]), id="chunk-bad-finish"
+    ),
+    pytest.param(CHAT_CHUNK, dict(CHUNK, usage={"prompt_tokens": "1"}), id="chunk-bad-usage"),
+    pytest.param(RESPONSE_STREAM_EVENT, {"type": "response.output_text.delta"}, id="event-missing-fields"),
+    pytest.param(RESPONSE_STREAM_EVENT, {"type": "no.such.event"}, id="event-unknown-type"),
+]
+
+
+def test_harness_accepts_a_valid_chunk(spec: Spec):
+    spec.assert_valid(CHAT_CHUNK, CHUNK, "a hand-written chunk with finish_reason null")
+    spec.assert_valid(CHAT_CHUNK, dict(CHUNK, usage=None), "a hand-written chunk with usage null")
+
+
+@pytest.mark.parametrize("name,instance", WRONG_SHAPES)
+def test_harness_rejects_wrong_shapes(spec: Spec, name, instance):
+    assert spec.errors(name, instance), f"{instance} validated against {name}"
+
+
 JSON_CASES = [
     pytest.param("POST", "/v1/chat/completions", CHAT_BODY, CHAT_RESPONSE, id="chat-completion"),
     pytest.param(
@@ -322,8 +374,7 @@ def test_chat_stream_chunks_match_spec(gateway: Gateway, spec: Spec, stream_opti
     chunks = [json.loads(event.data) for event in events[:-1]]
     assert chunks, "no chunk before [DONE]"
     assert all(event.data != "[DONE]" for event in events[:-1]), "[DONE] before the end of the stream"
-    for index, chunk in enumerate(chunks):
-        spec.assert_valid(CHAT_CHUNK, chunk, f"chat stream chunk {index} of {len(chunks)}")
+    spec.assert_all_valid([(CHAT_CHUNK, chunk, f"chunk {i}") for i, chunk in enumerate(chunks)])
     if stream_options:
         # The spec: usage is null on every chunk except the last, which carries it (choices empty).
         last = chunks[-1]
@@ -335,13 +386,22 @@ def test_chat_stream_chunks_match_spec(gateway: Gateway, spec: Spec, stream_opti
 
 
 def stream_event_schemas(spec: Spec) -> dict[str, str]:
-    """Maps each `type` value of the spec's response stream events to its schema name."""
-    by_type = {}
-    for branch in spec.schemas[RESPONSE_STREAM_EVENT].get("anyOf") or spec.schemas[RESPONSE_STREAM_EVENT].get("oneOf"):
+    """Maps each `type` value of the spec's response stream events to the union branch for it.
+
+    Checks what makes validating that one branch equivalent to validating the union (anyOf):
+    every branch requires `type` and allows values no other branch allows."""
+    union = spec.schemas[RESPONSE_STREAM_EVENT]
+    branches = union.get("anyOf") or union.get("oneOf")
+    assert branches, f"{RESPONSE_STREAM_EVENT} is not an anyOf/oneOf union"
+    by_type: dict[str, str] = {}
+    for branch in branches:
         name = branch["$ref"].rsplit("/", 1)[-1]
-        type_schema = spec.schemas[name].get("properties", {}).get("type", {})
+        schema = spec.schemas[name]
+        type_schema = schema.get("properties", {}).get("type", {})
         values = type_schema.get("enum") or ([type_schema["const"]] if "const" in type_schema else [])
+        assert values and "type" in schema.get("required", []), f"{name}: `type` is not a required enum"
         for value in values:
+            assert value not in by_type, f"event type {value!r} is in both {by_type[value]} and {name}"
             by_type[value] = name
     return by_type
 
@@ -349,20 +409,19 @@ def stream_event_schemas(spec: Spec) -> dict[str, str]:
 def test_response_stream_events_match_spec(gateway: Gateway, spec: Spec):
     events = stream(gateway, "/v1/responses", {"model": CHAT_MODEL, "input": "hi", "stream": True})
     by_type = stream_event_schemas(spec)
-    types = []
+    checks, types = [], []
     for index, event in enumerate(events):
         assert event.data != "[DONE]", "the Responses API stream has no [DONE] sentinel"
         data = json.loads(event.data)
         kind = data.get("type")
         types.append(kind)
-        what = f"responses stream event {index} ({kind!r})"
+        what = f"event {index} ({kind})"
         assert event.event == kind, f"{what}: SSE `event: {event.event}` differs from its data's type"
-        assert kind in by_type, f"{what}: no event schema in {RESPONSE_STREAM_EVENT} has type {kind!r}"
-        # The specific event schema first, for readable errors; then the union itself.
-        spec.assert_valid(by_type[kind], data, what)
-        spec.assert_valid(RESPONSE_STREAM_EVENT, data, what)
+        assert kind in by_type, f"{what}: no branch of {RESPONSE_STREAM_EVENT} has type {kind!r}"
+        checks.append((by_type[kind], data, what))  # the same verdict as the union, clearer errors
     assert types[0] == "response.created", types
     assert types[-1] == "response.completed", types
+    spec.assert_all_valid(checks)
 
 
 ERROR_CASES = [
