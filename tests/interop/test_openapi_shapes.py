@@ -122,7 +122,7 @@ class Spec:
         )
 
     def errors(self, name: str, instance: Any) -> list[jsonschema.ValidationError]:
-        return sorted(self.validator(name).iter_errors(instance), key=lambda e: list(e.absolute_path))
+        return sorted(self.validator(name).iter_errors(instance), key=lambda e: json_path(e.absolute_path))
 
     def problems(self, name: str, instance: Any) -> Optional[str]:
         """None when `instance` validates against schema `name`, else every error, described."""
