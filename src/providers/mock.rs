@@ -314,22 +314,7 @@ fn prompt_text(body: &Value, shape: Shape) -> String {
         Shape::Completion => body.get("prompt"),
         Shape::Response => body.get("input"),
     };
-    field.map(flatten_text).unwrap_or_default()
-}
-
-/// Text of a content value: a string, or the text parts of an array of parts / messages.
-fn flatten_text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Array(items) => items.iter().map(flatten_text).collect::<Vec<_>>().join(" "),
-        Value::Object(map) => ["text", "content"]
-            .iter()
-            .filter_map(|k| map.get(*k))
-            .map(flatten_text)
-            .collect::<Vec<_>>()
-            .join(" "),
-        _ => String::new(),
-    }
+    field.map(crate::metering::flatten_text).unwrap_or_default()
 }
 
 /// About four characters a token, as OpenAI's rule of thumb; the mock does not need tiktoken.
