@@ -32,6 +32,8 @@ const DEFAULT_RUN_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 const MAX_COMPARED_RUNS: usize = 50;
 const MAX_SCORE_NAME_BYTES: usize = 200;
+/// Scores are grades (0–1, 1–10, 0–100...); the bound keeps run sums finite.
+const MAX_SCORE_MAGNITUDE: f64 = 1e9;
 
 /// What the admin handlers need.
 pub struct Admin {
@@ -283,11 +285,11 @@ fn parse_score(body: &[u8]) -> Result<NewScore, ApiError> {
         let message = format!("name must be non-empty and at most {MAX_SCORE_NAME_BYTES} bytes");
         return Err(ApiError::invalid_request("invalid_score", message).with_param("name"));
     }
-    if !score.value.is_finite() {
-        return Err(
-            ApiError::invalid_request("invalid_score", "value must be a finite number")
-                .with_param("value"),
+    if !score.value.is_finite() || score.value.abs() > MAX_SCORE_MAGNITUDE {
+        let message = format!(
+            "value must be a number between -{MAX_SCORE_MAGNITUDE:e} and {MAX_SCORE_MAGNITUDE:e}"
         );
+        return Err(ApiError::invalid_request("invalid_score", message).with_param("value"));
     }
     Ok(score)
 }

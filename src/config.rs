@@ -44,6 +44,9 @@ pub enum ConfigError {
     },
 }
 
+/// Longest accepted `request_timeout_ms`: a day.
+const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -112,6 +115,8 @@ pub struct StorageConfig {
     pub flush_interval_ms: u64,
     /// Traces waiting for the recorder; when full, requests still succeed and the loss is counted.
     pub queue_capacity: usize,
+    /// Bytes (captured bodies) waiting for the recorder, bounded like the count.
+    pub queue_max_bytes: usize,
     /// sled's page cache.
     pub cache_capacity_bytes: u64,
 }
@@ -124,6 +129,7 @@ impl Default for StorageConfig {
             max_capture_bytes: 1024 * 1024,
             flush_interval_ms: 200,
             queue_capacity: 65_536,
+            queue_max_bytes: 256 * 1024 * 1024,
             cache_capacity_bytes: 64 * 1024 * 1024,
         }
     }
@@ -179,6 +185,14 @@ pub struct ProviderConfig {
     /// A PEM file of extra CA certificates to trust for this upstream.
     #[serde(default, deserialize_with = "expanded_opt_path")]
     pub ca_file: Option<PathBuf>,
+    /// Ask for `stream_options.include_usage` on streams whose client did not (and hide that
+    /// chunk). Turn off for servers that reject the parameter; their streams are then counted.
+    #[serde(default = "yes")]
+    pub stream_usage: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// USD per 1M tokens.
@@ -218,6 +232,7 @@ pub fn mock_provider() -> ProviderConfig {
         api_key: String::new(),
         models: vec!["mock/*".into()],
         ca_file: None,
+        stream_usage: true,
     }
 }
 
@@ -284,8 +299,9 @@ impl Config {
         }
     }
 
-    /// Checks what the schema cannot: addresses, names, URLs, files. The mock provider is added
-    /// when the config names none, so `mock/...` always answers.
+    /// Checks what the schema cannot: addresses, names, URLs, files. A config that names no
+    /// provider at all gets the mock, so a new setup answers; one that names providers gets
+    /// exactly those (a production gateway does not expose `mock/*` unless asked to).
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.server.listen.parse::<SocketAddr>().map_err(|err| {
             self.invalid(format!(
@@ -296,8 +312,13 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err(self.invalid("server.max_body_bytes must be greater than 0".into()));
         }
-        if self.server.request_timeout_ms == 0 {
-            return Err(self.invalid("server.request_timeout_ms must be greater than 0".into()));
+        if !(1..=MAX_TIMEOUT_MS).contains(&self.server.request_timeout_ms) {
+            return Err(self.invalid(format!(
+                "server.request_timeout_ms must be between 1 and {MAX_TIMEOUT_MS} (24 hours)"
+            )));
+        }
+        if self.storage.queue_max_bytes == 0 {
+            return Err(self.invalid("storage.queue_max_bytes must be greater than 0".into()));
         }
         if self.storage.queue_capacity == 0 {
             return Err(self.invalid("storage.queue_capacity must be greater than 0".into()));
@@ -312,7 +333,7 @@ impl Config {
                 )));
             }
         }
-        if !self.providers.iter().any(|p| p.name == "mock") {
+        if self.providers.is_empty() {
             self.providers.push(mock_provider());
         }
         for (model, price) in &self.pricing {
@@ -500,6 +521,21 @@ mod tests {
     }
 
     #[test]
+    fn the_mock_is_added_only_when_no_provider_is_named() {
+        let mut bare = Config::from_toml("", Source::BuiltIn).unwrap();
+        bare.validate().unwrap();
+        assert_eq!(bare.providers.len(), 1);
+        assert_eq!(bare.providers[0].kind, ProviderKind::Mock);
+        let text = "[[providers]]\nname = \"openai\"\nkind = \"openai\"\nbase_url = \"https://api.openai.com/v1\"";
+        let mut production = Config::from_toml(text, Source::BuiltIn).unwrap();
+        production.validate().unwrap();
+        assert!(production
+            .providers
+            .iter()
+            .all(|p| p.kind != ProviderKind::Mock));
+    }
+
+    #[test]
     fn validation_rejects_bad_values() {
         let cases = [
             ("[server]\nlisten = \"nonsense\"", "server.listen"),
@@ -507,6 +543,7 @@ mod tests {
             ("[[providers]]\nname = \"a/b\"\nkind = \"mock\"", "no '/'"),
             ("[[providers]]\nname = \"x\"\nkind = \"openai\"\nbase_url = \"http://h\"\nca_file = \"/nonexistent.pem\"", "ca_file"),
             ("[pricing]\n\"m\" = { input = -1.0 }", "not negative"),
+            ("[server]\nrequest_timeout_ms = 9223372036854775807", "request_timeout_ms"),
         ];
         for (text, needle) in cases {
             let mut config = Config::from_toml(text, Source::BuiltIn).unwrap();

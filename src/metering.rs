@@ -96,8 +96,17 @@ pub fn warm_tokenizers() {
     let _ = tiktoken_rs::cl100k_base_singleton();
 }
 
+/// Text counted with the tokenizer at most; the rest is estimated at four bytes a token.
+const MAX_COUNTED_BYTES: usize = 256 * 1024;
+/// tiktoken's merge is quadratic in the length of one unbroken piece (160 KB of one letter
+/// takes seconds): longer pieces are cut, which changes a count by a token or so at each cut.
+const MAX_PIECE_BYTES: usize = 512;
+/// Text handed to the tokenizer in one call.
+const SEGMENT_BYTES: usize = 8 * 1024;
+
 /// Counts tokens the way the model's tokenizer would: o200k for the GPT-4o/4.1/5 and o-series
 /// families, cl100k otherwise (an approximation for non-OpenAI models, marked as counted).
+/// Bounded in time whatever the text: see the limits above.
 pub fn count_tokens(model: &str, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
@@ -118,7 +127,50 @@ pub fn count_tokens(model: &str, text: &str) -> u64 {
     } else {
         tiktoken_rs::cl100k_base_singleton()
     };
-    bpe.encode_with_special_tokens(text).len() as u64
+    let counted = floor_char_boundary(text, MAX_COUNTED_BYTES);
+    let estimated_rest = (text.len() - counted.len()).div_ceil(4) as u64;
+    let mut total = estimated_rest;
+    for segment in segments(counted) {
+        total += bpe.encode_ordinary(segment).len() as u64;
+    }
+    total
+}
+
+/// Splits text into tokenizer-sized segments at whitespace, cutting pieces longer than
+/// `MAX_PIECE_BYTES` at character boundaries.
+fn segments(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut piece_start = 0;
+    for (at, ch) in text.char_indices() {
+        if ch.is_whitespace() {
+            piece_start = at + ch.len_utf8();
+        } else if at - piece_start >= MAX_PIECE_BYTES {
+            out.push(&text[start..at]);
+            start = at;
+            piece_start = at;
+            continue;
+        }
+        if at - start >= SEGMENT_BYTES && ch.is_whitespace() {
+            out.push(&text[start..at]);
+            start = at;
+        }
+    }
+    if start < text.len() {
+        out.push(&text[start..]);
+    }
+    out
+}
+
+fn floor_char_boundary(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Counts the input tokens of a request body, following OpenAI's chat accounting (a few tokens
@@ -271,6 +323,30 @@ mod tests {
         // 600k uncached × $2 + 400k cached × $0.5 + 500k out × $8, per million.
         assert!((cost - (1.2 + 0.2 + 4.0)).abs() < 1e-9, "{cost}");
         assert_eq!(pricing.cost("p", "unpriced", Tokens::default()), None);
+    }
+
+    #[test]
+    fn counting_is_bounded_for_hostile_text() {
+        let started = std::time::Instant::now();
+        let one_word = "a".repeat(2 * 1024 * 1024);
+        let count = count_tokens("gpt-4o", &one_word);
+        assert!(count > 100_000, "{count}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        let prose = "The quick brown fox jumps over the lazy dog. ".repeat(1000);
+        let whole = tiktoken_rs::o200k_base_singleton()
+            .encode_ordinary(&prose)
+            .len() as u64;
+        let segmented = count_tokens("gpt-4o", &prose);
+        assert!(
+            whole.abs_diff(segmented) <= whole / 100,
+            "{whole} vs {segmented}"
+        );
+        let cut: Vec<&str> = segments("ééé");
+        assert_eq!(cut.concat(), "ééé");
     }
 
     #[test]

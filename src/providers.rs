@@ -121,6 +121,8 @@ pub trait Provider: Send + Sync {
     /// Whether a stream's usage may be requested with `stream_options.include_usage` (the
     /// gateway then drops that extra chunk when the client did not ask for it).
     fn supports_stream_usage(&self) -> bool;
+    /// Whether the provider sends its own key (else the client's `Authorization` is forwarded).
+    fn has_own_key(&self) -> bool;
     fn send(&self, request: UpstreamRequest) -> SendFuture<'_>;
 }
 
@@ -311,6 +313,10 @@ mod tests {
             kind = "openai"
             base_url = "http://127.0.0.1:2/v1"
             models = ["gpt-4o*", "llama*"]
+            [[providers]]
+            name = "mock"
+            kind = "mock"
+            models = ["mock/*"]
         "#;
         let mut config = Config::from_toml(text, crate::config::Source::BuiltIn).unwrap();
         config.validate().unwrap();

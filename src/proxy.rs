@@ -140,7 +140,21 @@ impl Proxy {
         }
         let reading = std::time::Instant::now();
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let collected = Limited::new(body, limit).collect().await;
+        let deadline = draft.started() + self.request_timeout;
+        let collected =
+            match tokio::time::timeout_at(deadline.into(), Limited::new(body, limit).collect())
+                .await
+            {
+                Ok(collected) => collected,
+                Err(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "invalid_request_error",
+                        "request_body_timeout",
+                        "the request body did not arrive within server.request_timeout_ms",
+                    ))
+                }
+            };
         draft.body_read = reading.elapsed();
         let bytes = collected
             .map_err(|err| {
@@ -336,10 +350,29 @@ impl Proxy {
     /// filtered to what routes to it.
     async fn list_models(&self, parts: &Parts) -> Response<ResponseBody> {
         let mut data = Vec::new();
+        let named = parts
+            .headers
+            .get(crate::context::PROVIDER)
+            .and_then(|v| v.to_str().ok());
+        let keyless = self
+            .router
+            .providers()
+            .iter()
+            .filter(|(p, _)| !p.has_own_key())
+            .count();
         for (provider, patterns) in self.router.providers() {
+            if named.is_some_and(|name| name != provider.name()) {
+                continue;
+            }
+            // The client's key goes where its calls would go: to the provider it named, or to
+            // the only provider that uses client keys. Never fanned out to several.
+            let with_client_key = named.is_some() || keyless == 1;
             let ids = match provider.kind() {
                 ProviderKind::Mock => mock::listed_models(provider.name()),
-                ProviderKind::Openai => self.upstream_models(provider.as_ref(), parts).await,
+                ProviderKind::Openai => {
+                    self.upstream_models(provider.as_ref(), parts, with_client_key)
+                        .await
+                }
             };
             let routed = |id: &String| {
                 provider.kind() == ProviderKind::Mock
@@ -354,12 +387,17 @@ impl Proxy {
         &self,
         provider: &dyn crate::providers::Provider,
         parts: &Parts,
+        with_client_key: bool,
     ) -> Vec<String> {
+        let mut upstream_headers = headers::for_upstream(parts.headers.clone());
+        if !with_client_key {
+            upstream_headers.remove(http::header::AUTHORIZATION);
+        }
         let request = UpstreamRequest {
             endpoint: Endpoint::Models,
             method: Method::GET,
             path_and_query: "/models".into(),
-            headers: headers::for_upstream(parts.headers.clone()),
+            headers: upstream_headers,
             body: Bytes::new(),
             model: None,
             stream: false,
@@ -369,7 +407,7 @@ impl Proxy {
             if !response.status.is_success() {
                 return None;
             }
-            let body = response.body.collect().await.ok()?.to_bytes();
+            let body = collect_at_most(response.body, MAX_MODEL_LIST_BYTES).await?;
             let list: Value = serde_json::from_slice(&body).ok()?;
             Some(
                 list.get("data")?
@@ -392,6 +430,22 @@ impl Proxy {
     }
 }
 
+/// A model list larger than this is not one.
+const MAX_MODEL_LIST_BYTES: usize = 4 * 1024 * 1024;
+
+async fn collect_at_most(mut body: ResponseBody, limit: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if out.len() + data.len() > limit {
+                return None;
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Some(out)
+}
+
 fn apply_context(trace: &mut Trace, context: &RequestContext) {
     trace.experiment = context.experiment.clone();
     trace.run_name = context.run_name.clone();
@@ -408,11 +462,7 @@ fn run_identity(trace: &Trace) -> RunIdentity<'_> {
         experiment: &trace.experiment,
         run_name: trace.run_name.as_deref(),
         provider: trace.provider.as_deref().unwrap_or(""),
-        model: trace
-            .served_model
-            .as_deref()
-            .or(trace.requested_model.as_deref())
-            .unwrap_or(""),
+        model: crate::runs::run_model(trace),
         prompt_id: trace.prompt_id.as_deref(),
         prompt_version: trace.prompt_version.as_deref(),
         params: &trace.params,

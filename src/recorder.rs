@@ -3,6 +3,7 @@
 //! aggregation, storage) happens here, never on the request's task.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +55,13 @@ pub struct TraceEvent {
     pub response_is_sse: bool,
 }
 
+impl TraceEvent {
+    /// The body bytes this event keeps alive.
+    fn size(&self) -> usize {
+        self.request_body.len() + self.response.iter().map(|(_, b)| b.len()).sum::<usize>()
+    }
+}
+
 pub(crate) enum Command {
     Trace(Box<TraceEvent>),
     Score {
@@ -72,13 +80,23 @@ pub(crate) enum Command {
 pub struct RecorderHandle {
     pub(crate) tx: mpsc::Sender<Command>,
     pub(crate) dropped: prometheus_client::metrics::counter::Counter,
+    /// Body bytes the queued events hold, bounded by `max_queued_bytes`.
+    queued_bytes: Arc<AtomicUsize>,
+    max_queued_bytes: usize,
 }
 
 impl RecorderHandle {
     /// Hands a finished call to the recorder without ever waiting: when the queue is full the
     /// call has still succeeded, and the lost trace is counted in `flowgate_traces_dropped_total`.
     pub fn record(&self, event: TraceEvent) {
+        let size = event.size();
+        if self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.dropped.inc();
+            return;
+        }
         if self.tx.try_send(Command::Trace(Box::new(event))).is_err() {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             self.dropped.inc();
         }
     }
@@ -144,6 +162,7 @@ pub struct RecorderSettings {
     pub max_capture_bytes: usize,
     pub flush_interval: Duration,
     pub queue_capacity: usize,
+    pub queue_max_bytes: usize,
     pub max_label_values: usize,
 }
 
@@ -154,6 +173,7 @@ impl RecorderSettings {
             max_capture_bytes: config.storage.max_capture_bytes,
             flush_interval: Duration::from_millis(config.storage.flush_interval_ms.max(1)),
             queue_capacity: config.storage.queue_capacity,
+            queue_max_bytes: config.storage.queue_max_bytes,
             max_label_values: config.metrics.max_label_values,
         }
     }
@@ -167,20 +187,13 @@ pub fn spawn(
     pricing: Pricing,
     settings: RecorderSettings,
 ) -> Result<(RecorderHandle, RecorderControl), StoreError> {
-    let runs = store
-        .runs(None)?
-        .into_iter()
-        .map(|run| (run.id.clone(), run))
-        .collect();
-    let experiments = store
-        .experiments()?
-        .into_iter()
-        .map(|e| (e.name.clone(), e))
-        .collect();
     let (tx, rx) = mpsc::channel(settings.queue_capacity);
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let handle = RecorderHandle {
         tx: tx.clone(),
         dropped: metrics.traces_dropped.clone(),
+        queued_bytes: queued_bytes.clone(),
+        max_queued_bytes: settings.queue_max_bytes,
     };
     let task = Recorder {
         store,
@@ -188,8 +201,9 @@ pub fn spawn(
         metrics,
         pricing,
         settings,
-        runs,
-        experiments,
+        queued_bytes,
+        runs: HashMap::new(),
+        experiments: HashMap::new(),
         pending: Vec::new(),
         dirty_runs: HashSet::new(),
         dirty_experiments: HashSet::new(),
@@ -221,12 +235,18 @@ pub fn spawn(
 /// Traces gathered before a write; a full batch is written at once.
 const BATCH_SIZE: usize = 512;
 
+/// Runs and experiments kept in memory at most; the least recently active go first (they are
+/// stored, and read back when a trace of theirs arrives).
+const MAX_CACHED: usize = 10_000;
+
 struct Recorder {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     metrics_writer: MetricsWriter,
     pricing: Pricing,
     settings: RecorderSettings,
+    queued_bytes: Arc<AtomicUsize>,
+    /// Aggregates of recently active runs; others are read from the store when needed.
     runs: HashMap<String, Run>,
     experiments: HashMap<String, Experiment>,
     pending: Vec<Trace>,
@@ -244,7 +264,7 @@ impl Recorder {
                     Some(Command::Shutdown(reply)) => {
                         rx.close();
                         while let Ok(command) = rx.try_recv() {
-                            self.handle(command);
+                            self.handle_isolated(command);
                         }
                         self.flush();
                         if let Err(err) = self.store.flush() {
@@ -253,7 +273,7 @@ impl Recorder {
                         let _ = reply.send(());
                         return;
                     }
-                    Some(command) => self.handle(command),
+                    Some(command) => self.handle_isolated(command),
                     None => {
                         self.flush();
                         let _ = self.store.flush();
@@ -265,9 +285,19 @@ impl Recorder {
         }
     }
 
+    /// A bug that panics on one trace must not stop recording for every later one.
+    fn handle_isolated(&mut self, command: Command) {
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(command)));
+        if outcome.is_err() {
+            tracing::error!("the recorder failed on one command and skipped it; recording goes on");
+        }
+    }
+
     fn handle(&mut self, command: Command) {
         match command {
             Command::Trace(event) => {
+                self.queued_bytes.fetch_sub(event.size(), Ordering::Relaxed);
                 let trace = self.complete(*event);
                 self.aggregate(&trace);
                 self.pending.push(trace);
@@ -298,16 +328,8 @@ impl Recorder {
     /// cost, captured bodies.
     fn complete(&self, mut event: TraceEvent) -> Trace {
         let mut trace = std::mem::take(&mut event.trace);
-        let answer = if event.response_is_sse {
-            usage::from_sse(event.endpoint, &event.response)
-        } else {
-            let whole: Vec<u8> = event
-                .response
-                .iter()
-                .flat_map(|(_, b)| b.iter().copied())
-                .collect();
-            usage::from_json(event.endpoint, &whole)
-        };
+        let whole = (!event.response_is_sse).then(|| concat(&event.response));
+        let mut answer = read_answer(&event, whole.as_deref());
         let model = trace
             .served_model
             .clone()
@@ -320,7 +342,8 @@ impl Recorder {
             &answer,
             trace.status,
         );
-        if trace.stream {
+        let answered = (200..300).contains(&trace.status);
+        if trace.stream && event.response_is_sse && answered {
             let first = answer.first_content_us.or(event.first_byte_us);
             trace.latency.ttft_ms = first.map(|us| us as f64 / 1000.0);
         }
@@ -330,11 +353,9 @@ impl Recorder {
         }
         explain_error(&mut trace, &answer);
         if self.settings.capture == Capture::Full {
-            trace.request_body = Some(capture_bytes(
-                &event.request_body,
-                self.settings.max_capture_bytes,
-            ));
-            trace.response_body = capture_answer(&event, &answer, self.settings.max_capture_bytes);
+            let limit = self.settings.max_capture_bytes;
+            trace.request_body = Some(capture_bytes(&event.request_body, limit));
+            trace.response_body = capture_answer(&event, &mut answer, whole.as_deref(), limit);
         }
         trace
     }
@@ -376,26 +397,68 @@ impl Recorder {
 
     fn aggregate(&mut self, trace: &Trace) {
         self.metrics_writer.observe(&self.metrics, trace);
-        let new_run = match self.runs.get_mut(&trace.run_id) {
-            Some(run) => {
-                run.observe(trace);
-                false
-            }
+        let new_run = !self.load_run(&trace.run_id);
+        match self.runs.get_mut(&trace.run_id) {
+            Some(run) => run.observe(trace),
             None => {
                 self.runs
                     .insert(trace.run_id.clone(), Run::from_first(trace));
-                true
-            }
-        };
-        self.dirty_runs.insert(trace.run_id.clone());
-        match self.experiments.get_mut(&trace.experiment) {
-            Some(experiment) => experiment.observe(trace, new_run),
-            None => {
-                self.experiments
-                    .insert(trace.experiment.clone(), Experiment::from_first(trace));
             }
         }
+        self.dirty_runs.insert(trace.run_id.clone());
+        if self.load_experiment(&trace.experiment) {
+            if let Some(experiment) = self.experiments.get_mut(&trace.experiment) {
+                experiment.observe(trace, new_run);
+            }
+        } else {
+            self.experiments
+                .insert(trace.experiment.clone(), Experiment::from_first(trace));
+        }
         self.dirty_experiments.insert(trace.experiment.clone());
+    }
+
+    /// Brings a run's aggregate into memory from the store; false when it has none yet.
+    fn load_run(&mut self, id: &str) -> bool {
+        if self.runs.contains_key(id) {
+            return true;
+        }
+        match self.store.run(id) {
+            Ok(Some(run)) => {
+                self.runs.insert(id.to_owned(), run);
+                true
+            }
+            Ok(None) => false,
+            Err(err) => {
+                tracing::error!(%err, run = id, "a stored run could not be read; it starts again");
+                false
+            }
+        }
+    }
+
+    fn load_experiment(&mut self, name: &str) -> bool {
+        if self.experiments.contains_key(name) {
+            return true;
+        }
+        match self.store.experiment(name) {
+            Ok(Some(experiment)) => {
+                self.experiments.insert(name.to_owned(), experiment);
+                true
+            }
+            Ok(None) => false,
+            Err(err) => {
+                tracing::error!(%err, experiment = name, "a stored experiment could not be read; it starts again");
+                false
+            }
+        }
+    }
+
+    /// Keeps memory bounded however many runs clients create: past the limit, the least
+    /// recently active half goes (all stored: this runs right after a flush).
+    fn evict(&mut self) {
+        evict_oldest(&mut self.runs, |run| run.last_seen_ms);
+        evict_oldest(&mut self.experiments, |experiment| {
+            experiment.last_activity_ms
+        });
     }
 
     fn flush(&mut self) {
@@ -421,6 +484,7 @@ impl Recorder {
         if let Err(err) = self.store.apply(&batch) {
             tracing::error!(%err, traces = batch.traces.len(), "could not store a batch of traces");
         }
+        self.evict();
     }
 
     fn add_score(&mut self, trace_id: &str, score: Score) -> Result<ScoreOutcome, RecorderError> {
@@ -431,13 +495,18 @@ impl Recorder {
         let Some(mut trace) = stored else {
             return Ok(ScoreOutcome::NoSuchTrace);
         };
+        if !self.load_run(&trace.run_id) {
+            // The run's record is gone (unreadable): rebuild it from this trace, before the
+            // new score is added, so the score counts once.
+            self.runs
+                .insert(trace.run_id.clone(), Run::from_first(&trace));
+        }
         trace.scores.push(score.clone());
-        let run = match self.runs.get_mut(&trace.run_id) {
-            Some(run) => run,
-            None => self
-                .runs
-                .entry(trace.run_id.clone())
-                .or_insert_with(|| Run::from_first(&trace)),
+        let Some(run) = self.runs.get_mut(&trace.run_id) else {
+            return Err(RecorderError::Store(format!(
+                "run {} vanished",
+                trace.run_id
+            )));
         };
         run.add_score(&score);
         self.metrics_writer
@@ -453,6 +522,21 @@ impl Recorder {
         Ok(ScoreOutcome::Recorded {
             run_id: trace.run_id,
         })
+    }
+}
+
+fn evict_oldest<V>(map: &mut HashMap<String, V>, last_active: impl Fn(&V) -> u64) {
+    if map.len() <= MAX_CACHED {
+        return;
+    }
+    let mut by_age: Vec<(u64, String)> = map
+        .iter()
+        .map(|(key, value)| (last_active(value), key.clone()))
+        .collect();
+    by_age.sort_unstable();
+    let excess = map.len() - MAX_CACHED / 2;
+    for (_, key) in by_age.into_iter().take(excess) {
+        map.remove(&key);
     }
 }
 
@@ -503,24 +587,53 @@ fn capture_bytes(bytes: &[u8], limit: usize) -> Captured {
     }
 }
 
-fn capture_answer(event: &TraceEvent, answer: &usage::Answer, limit: usize) -> Option<Captured> {
+fn concat(frames: &[(u64, Bytes)]) -> Vec<u8> {
+    let mut whole = Vec::with_capacity(frames.iter().map(|(_, b)| b.len()).sum());
+    frames.iter().for_each(|(_, b)| whole.extend_from_slice(b));
+    whole
+}
+
+/// Usage and text of the answer: from SSE frames, or from the whole JSON body.
+fn read_answer(event: &TraceEvent, whole: Option<&[u8]>) -> usage::Answer {
+    let Some(bytes) = whole else {
+        return usage::from_sse(event.endpoint, &event.response);
+    };
+    let mut answer = usage::from_json(event.endpoint, bytes);
+    if event.response_cut && answer.usage.is_none() {
+        // The head was dropped to bound memory; providers put usage last.
+        answer.usage = usage::usage_from_tail(bytes);
+    }
+    answer
+}
+
+/// The answer as stored: the assembled text of a stream, or the response body (reusing the
+/// parse already made when it fits).
+fn capture_answer(
+    event: &TraceEvent,
+    answer: &mut usage::Answer,
+    whole: Option<&[u8]>,
+    limit: usize,
+) -> Option<Captured> {
     if event.response.is_empty() {
         return None;
     }
-    if event.response_is_sse {
+    let Some(bytes) = whole else {
         let text: String = answer.text.chars().take(limit).collect();
         let truncated = event.response_cut || text.len() < answer.text.len();
         return Some(Captured {
             content: serde_json::Value::String(text),
             truncated,
         });
+    };
+    if !event.response_cut && bytes.len() <= limit {
+        if let Some(json) = answer.json.take() {
+            return Some(Captured {
+                content: json,
+                truncated: false,
+            });
+        }
     }
-    let whole: Vec<u8> = event
-        .response
-        .iter()
-        .flat_map(|(_, b)| b.iter().copied())
-        .collect();
-    let mut captured = capture_bytes(&whole, limit);
+    let mut captured = capture_bytes(bytes, limit);
     captured.truncated |= event.response_cut;
     Some(captured)
 }

@@ -295,10 +295,11 @@ impl Run {
 
     /// Aggregates a quality score; non-finite values carry no information and are skipped.
     pub fn add_score(&mut self, score: &Score) {
-        if !score.value.is_finite() {
+        let totals = self.scores.entry(score.name.clone()).or_default();
+        // A sum that overflowed could not be stored (JSON has no infinity) or read back.
+        if !(totals.sum + score.value).is_finite() {
             return;
         }
-        let totals = self.scores.entry(score.name.clone()).or_default();
         totals.count += 1;
         totals.sum += score.value;
     }
@@ -371,9 +372,14 @@ impl Run {
     }
 }
 
-/// The model a run is about: the same choice the run identity makes on the request path (the
-/// model that served the call, else the one asked for), so a run's `model` matches its id.
-fn run_model(trace: &Trace) -> &str {
+/// The model a run is about, as its identity uses it: the model a provider was asked for
+/// (the served model, else what the client named for pass-through calls). A call rejected
+/// before routing has no provider and counts under the model "": a client making up model
+/// names must not make up runs.
+pub fn run_model(trace: &Trace) -> &str {
+    if trace.provider.is_none() {
+        return "";
+    }
     trace
         .served_model
         .as_deref()

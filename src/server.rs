@@ -11,7 +11,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -118,7 +118,10 @@ async fn serve(
     recorder: RecorderControl,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = connection_builder();
+    // Connection tasks, so the ones still running after the grace period can be ended (which
+    // records their calls as cancelled) before the recorder stops.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -139,12 +142,13 @@ async fn serve(
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(err) = connection.await {
                         tracing::debug!(%err, %peer, "connection ended with an error");
                     }
                 });
             }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             _ = stopped.changed() => break,
         }
     }
@@ -155,10 +159,26 @@ async fn serve(
     {
         tracing::warn!(
             grace_ms = grace.as_millis() as u64,
-            "in-flight calls did not finish within the grace period"
+            calls = connections.len(),
+            "in-flight calls did not finish within the grace period; ending them"
         );
     }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
     recorder.shutdown().await;
+}
+
+/// HTTP/1.1 and HTTP/2 (prior knowledge or h2c) on one port. A client gets this long to send its
+/// request head; slower ones (slowloris) are disconnected.
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    builder
 }
 
 impl App {

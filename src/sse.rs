@@ -8,6 +8,9 @@ use bytes::{Bytes, BytesMut};
 #[derive(Debug, Default)]
 pub struct EventSplitter {
     buffer: BytesMut,
+    /// Bytes already searched without finding an event's end: each byte is scanned once, however
+    /// many pieces a long event arrives in.
+    scanned: usize,
 }
 
 impl EventSplitter {
@@ -17,12 +20,28 @@ impl EventSplitter {
 
     /// The next complete event, bytes exactly as received.
     pub fn next_event(&mut self) -> Option<Bytes> {
-        let end = event_end(&self.buffer)?;
-        Some(self.buffer.split_to(end).freeze())
+        // A terminator may straddle the old and new bytes: back up by its length minus one.
+        let from = self.scanned.saturating_sub(2);
+        match event_end(&self.buffer[from..]) {
+            Some(end) => {
+                self.scanned = 0;
+                Some(self.buffer.split_to(from + end).freeze())
+            }
+            None => {
+                self.scanned = self.buffer.len();
+                None
+            }
+        }
+    }
+
+    /// Bytes received that do not yet make a whole event.
+    pub fn pending(&self) -> usize {
+        self.buffer.len()
     }
 
     /// Whatever is left after the stream ended (an event without its blank line).
     pub fn take_rest(&mut self) -> Bytes {
+        self.scanned = 0;
         self.buffer.split().freeze()
     }
 }
@@ -42,6 +61,11 @@ fn event_end(buffer: &[u8]) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+/// Whether `bytes` end an event, so something appended starts a new one.
+pub fn ends_event(bytes: &[u8]) -> bool {
+    bytes.ends_with(b"\n\n") || bytes.ends_with(b"\n\r\n")
 }
 
 /// One parsed event.

@@ -59,6 +59,7 @@ pub trait Store: Send + Sync {
     fn run(&self, id: &str) -> Result<Option<Run>, StoreError>;
     /// All runs, or those of one experiment; in no particular order.
     fn runs(&self, experiment: Option<&str>) -> Result<Vec<Run>, StoreError>;
+    fn experiment(&self, name: &str) -> Result<Option<Experiment>, StoreError>;
     fn experiments(&self) -> Result<Vec<Experiment>, StoreError>;
     /// Makes everything applied so far durable.
     fn flush(&self) -> Result<(), StoreError>;

@@ -211,6 +211,8 @@ impl LabelLimit {
 pub struct MetricsWriter {
     experiments: LabelLimit,
     prompt_versions: LabelLimit,
+    /// Model names come from clients too (`provider/<anything>`): bounded like the others.
+    models: LabelLimit,
 }
 
 impl MetricsWriter {
@@ -218,6 +220,7 @@ impl MetricsWriter {
         MetricsWriter {
             experiments: LabelLimit::new(max_label_values),
             prompt_versions: LabelLimit::new(max_label_values),
+            models: LabelLimit::new(max_label_values),
         }
     }
 
@@ -227,11 +230,11 @@ impl MetricsWriter {
             .prompt_versions
             .admit(trace.prompt_version.as_deref().unwrap_or("none"));
         let provider = trace.provider.clone().unwrap_or_else(|| "none".into());
-        let model = trace
-            .served_model
-            .clone()
-            .or_else(|| trace.requested_model.clone())
-            .unwrap_or_else(|| "none".into());
+        // A call rejected before routing has no model worth a series.
+        let model = match crate::runs::run_model(trace) {
+            "" => "none".to_owned(),
+            model => self.models.admit(model),
+        };
         let status = if trace.error.as_ref().is_some_and(|e| e.class == "cancelled") {
             "cancelled".to_owned()
         } else {

@@ -35,6 +35,18 @@ pub fn parse_usage(usage: &Value) -> Option<ProviderUsage> {
     })
 }
 
+/// The last `"usage": {...}` object in a body whose head is missing.
+pub fn usage_from_tail(bytes: &[u8]) -> Option<ProviderUsage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = bytes.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let brace = at + bytes[at..].iter().position(|b| *b == b'{')?;
+    let value = serde_json::Deserializer::from_slice(&bytes[brace..])
+        .into_iter::<Value>()
+        .next()?
+        .ok()?;
+    parse_usage(&value)
+}
+
 /// What a response said and cost.
 #[derive(Debug, Default, PartialEq)]
 pub struct Answer {
@@ -220,6 +232,13 @@ mod tests {
         let answer = from_sse(Endpoint::Responses, &frames);
         assert_eq!(answer.text, "Hi");
         assert_eq!(answer.usage.map(|u| (u.input, u.output)), Some((2, 1)));
+    }
+
+    #[test]
+    fn usage_is_found_in_a_tail() {
+        let tail = br#".5,0.25]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":42,"total_tokens":42}}"#;
+        assert_eq!(usage_from_tail(tail).map(|u| u.input), Some(42));
+        assert_eq!(usage_from_tail(b"no usage here"), None);
     }
 
     #[test]

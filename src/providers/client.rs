@@ -9,7 +9,7 @@ use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
@@ -87,7 +87,13 @@ pub fn build(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
+    // HTTP/2 pings find a half-dead pooled connection before a call waits on it.
     Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_while_idle(true)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .build(connector))

@@ -40,6 +40,10 @@ impl Provider for Mock {
         true
     }
 
+    fn has_own_key(&self) -> bool {
+        true
+    }
+
     fn send(&self, request: UpstreamRequest) -> SendFuture<'_> {
         Box::pin(async move { Ok(answer(&request)) })
     }
@@ -52,7 +56,10 @@ fn answer(request: &UpstreamRequest) -> UpstreamResponse {
         Endpoint::ChatCompletions => text_answer(&body, &model, Shape::Chat, request.stream),
         Endpoint::Completions => text_answer(&body, &model, Shape::Completion, request.stream),
         Endpoint::Responses => text_answer(&body, &model, Shape::Response, request.stream),
-        Endpoint::Embeddings => json_response(embeddings(&body, &model)),
+        Endpoint::Embeddings => match embeddings(&body, &model) {
+            Ok(answer) => json_response(answer),
+            Err(message) => error_response(StatusCode::BAD_REQUEST, &message),
+        },
         Endpoint::Models | Endpoint::Passthrough => error_response(
             StatusCode::NOT_FOUND,
             &format!(
@@ -259,7 +266,13 @@ fn named(event: &str, value: &Value) -> String {
     format!("event: {event}\ndata: {value}\n\n")
 }
 
-fn embeddings(body: &Value, model: &str) -> Value {
+/// OpenAI's own limits, and a cap on the answer's size: the mock must not be a way to make the
+/// gateway build gigabytes of floats.
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+const MAX_EMBEDDING_DIMENSIONS: u64 = 3072;
+const MAX_EMBEDDING_VALUES: usize = 1 << 20;
+
+fn embeddings(body: &Value, model: &str) -> Result<Value, String> {
     let inputs: Vec<String> = match body.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) => items
@@ -271,16 +284,31 @@ fn embeddings(body: &Value, model: &str) -> Value {
     let dims = body
         .get("dimensions")
         .and_then(Value::as_u64)
-        .filter(|d| (1..=4096).contains(d))
-        .unwrap_or(256) as usize;
+        .unwrap_or(256);
+    if !(1..=MAX_EMBEDDING_DIMENSIONS).contains(&dims) {
+        return Err(format!(
+            "dimensions must be between 1 and {MAX_EMBEDDING_DIMENSIONS}"
+        ));
+    }
+    let dims = dims as usize;
+    if inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(format!(
+            "input may hold at most {MAX_EMBEDDING_INPUTS} items"
+        ));
+    }
+    if inputs.len() * dims > MAX_EMBEDDING_VALUES {
+        return Err(format!(
+            "the mock provider returns at most {MAX_EMBEDDING_VALUES} values: lower dimensions or the number of inputs"
+        ));
+    }
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
         .map(|(index, text)| json!({"object": "embedding", "index": index, "embedding": vector(text, dims)}))
         .collect();
     let tokens: u64 = inputs.iter().map(|t| estimate_tokens(t)).sum();
-    json!({"object": "list", "data": data, "model": model,
-           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    Ok(json!({"object": "list", "data": data, "model": model,
+           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
 }
 
 /// A unit vector derived from the text, so equal texts embed equally.
@@ -342,7 +370,12 @@ fn json_response(value: Value) -> UpstreamResponse {
 }
 
 fn error_response(status: StatusCode, message: &str) -> UpstreamResponse {
-    let value = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "not_found"}});
+    let code = if status == StatusCode::NOT_FOUND {
+        "not_found"
+    } else {
+        "invalid_request"
+    };
+    let value = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
     let mut response = json_response(value);
     response.status = status;
     response

@@ -17,6 +17,7 @@ pub struct OpenAi {
     /// `Bearer <key>` when the provider has its own key; else the client's header is forwarded.
     authorization: Option<HeaderValue>,
     client: HttpClient,
+    stream_usage: bool,
 }
 
 impl OpenAi {
@@ -40,6 +41,7 @@ impl OpenAi {
             base_url: config.base_url.trim_end_matches('/').to_owned(),
             authorization,
             client,
+            stream_usage: config.stream_usage,
         })
     }
 
@@ -90,7 +92,11 @@ impl Provider for OpenAi {
     }
 
     fn supports_stream_usage(&self) -> bool {
-        true
+        self.stream_usage
+    }
+
+    fn has_own_key(&self) -> bool {
+        self.authorization.is_some()
     }
 
     fn send(&self, request: UpstreamRequest) -> SendFuture<'_> {

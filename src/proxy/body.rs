@@ -21,6 +21,9 @@ use crate::response::{BoxError, ResponseBody};
 use crate::sse::{is_usage_only_chunk, EventSplitter};
 use crate::trace::{Trace, TraceError};
 
+/// Bytes of one unfinished SSE event the usage filter holds back at most.
+const MAX_HELD_BACK: usize = 1024 * 1024;
+
 /// HTTP status recorded for calls the client abandoned before any answer (nginx's convention).
 pub const CLIENT_CLOSED: u16 = 499;
 
@@ -214,6 +217,8 @@ pub struct MeteredBody {
     usage_filter: Option<EventSplitter>,
     deadline: Pin<Box<Sleep>>,
     state: State,
+    /// The last byte forwarded ended an SSE event (or nothing was forwarded yet).
+    at_event_boundary: bool,
 }
 
 impl MeteredBody {
@@ -231,6 +236,7 @@ impl MeteredBody {
             usage_filter: drop_usage_chunk.then(EventSplitter::default),
             deadline: Box::pin(deadline),
             state: State::Streaming,
+            at_event_boundary: true,
         }
     }
 
@@ -250,7 +256,9 @@ impl MeteredBody {
         self.draft.fail(class, message.clone());
         if self.captured.sse {
             let event = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": code}});
-            self.state = State::Closing(Bytes::from(format!("data: {event}\n\n")));
+            // After a cut-off event, a blank line first: the error must be an event of its own.
+            let separator = if self.at_event_boundary { "" } else { "\n\n" };
+            self.state = State::Closing(Bytes::from(format!("{separator}data: {event}\n\n")));
             Poll::Ready(self.next_closing())
         } else {
             self.end();
@@ -280,12 +288,20 @@ impl MeteredBody {
                 out.extend_from_slice(&event);
             }
         }
+        // Not SSE as we know it (no event ends in sight): stop holding bytes back and filtering.
+        if splitter.pending() > MAX_HELD_BACK {
+            out.extend_from_slice(&splitter.take_rest());
+            self.usage_filter = None;
+        }
         (!out.is_empty()).then(|| out.freeze())
     }
 
     fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
         let at_us = self.draft.started().elapsed().as_micros() as u64;
         let out = self.filter(&data);
+        if let Some(out) = &out {
+            self.at_event_boundary = crate::sse::ends_event(out);
+        }
         self.captured.push(at_us, data);
         out
     }

@@ -19,7 +19,9 @@ pub struct RequestFields<'a> {
     pub model: Option<Cow<'a, str>>,
     #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
+    /// `Some(Null)` when the key is present with `null`: splicing a second key in would make
+    /// a duplicate, so presence matters, not just a value.
+    #[serde(default, deserialize_with = "present")]
     pub stream_options: Option<Value>,
     #[serde(default)]
     temperature: Option<Value>,
@@ -51,6 +53,11 @@ pub struct RequestFields<'a> {
 struct TypeOnly {
     #[serde(rename = "type", default)]
     kind: Option<String>,
+}
+
+/// Keeps a present `null` as `Some(Value::Null)` (a plain `Option` would read it as absent).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 impl<'a> RequestFields<'a> {
@@ -226,6 +233,20 @@ mod tests {
         );
         let fixed: Value =
             serde_json::from_slice(&rewrite(&with_options, None, true, true).unwrap()).unwrap();
+        assert_eq!(fixed["stream_options"]["include_usage"], true);
+        // A present null must not get a second `stream_options` key spliced in.
+        let null_options = br#"{"model":"m","stream":true,"stream_options":null}"#;
+        let fields = RequestFields::parse(null_options).unwrap();
+        assert!(fields.stream_options.is_some());
+        let body = Bytes::from_static(null_options);
+        let fixed = rewrite(&body, None, true, fields.stream_options.is_some()).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&fixed)
+                .matches("stream_options")
+                .count(),
+            1
+        );
+        let fixed: Value = serde_json::from_slice(&fixed).unwrap();
         assert_eq!(fixed["stream_options"]["include_usage"], true);
     }
 

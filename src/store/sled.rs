@@ -309,6 +309,18 @@ impl Store for SledStore {
         Ok(runs)
     }
 
+    fn experiment(&self, name: &str) -> Result<Option<Experiment>, StoreError> {
+        self.experiments
+            .get(name.as_bytes())?
+            .map(|bytes| {
+                decode(&bytes).map_err(|reason| StoreError::Corrupt {
+                    what: format!("experiment {name:?}"),
+                    reason,
+                })
+            })
+            .transpose()
+    }
+
     fn experiments(&self) -> Result<Vec<Experiment>, StoreError> {
         self.experiments
             .iter()

@@ -344,6 +344,11 @@ kind = "openai"
 base_url = "{upstream_url}"
 models = ["gpt-*", "text-embedding-*"]
 
+[[providers]]
+name = "mock"
+kind = "mock"
+models = ["mock/*"]
+
 {extra}
 "#,
             store = data_dir.join("flowgate.sled").display()
