@@ -276,3 +276,44 @@ async fn the_cli_reads_the_admin_api() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(!missing.stderr.is_empty());
 }
+
+#[tokio::test]
+async fn a_call_still_streaming_at_shutdown_is_recorded_as_cancelled() {
+    let upstream = Upstream::start(|_| {
+        Reply::Sse(vec![
+            (std::time::Duration::ZERO, chunk("first")),
+            (std::time::Duration::from_secs(60), chunk("never")),
+        ])
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway = TestGateway::start_in(
+        dir.path(),
+        &upstream.base_url(),
+        "shutdown_grace_ms = 200",
+        "",
+    )
+    .await;
+    let response = open(
+        Method::POST,
+        &format!("{}/v1/chat/completions", gateway.url),
+        &[("content-type", "application/json")],
+        &json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string(),
+    )
+    .await;
+    let trace_id = response.headers()["x-flowgate-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut body = response.into_body();
+    assert!(next_data(&mut body, std::time::Duration::from_secs(5))
+        .await
+        .is_some());
+    gateway.stop().await;
+    drop(body);
+
+    let gateway = TestGateway::start_in(dir.path(), &upstream.base_url(), "", "").await;
+    let trace = gateway.trace(&trace_id).await;
+    assert_eq!(trace["error"]["class"], "cancelled");
+    assert_eq!(trace["response_body"]["content"], "first");
+}

@@ -513,3 +513,182 @@ async fn the_built_in_mock_answers_every_endpoint_without_a_key() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_leaves_exactly_one_cancelled_trace() {
+    let upstream = Upstream::start(|_| Reply::Hang).await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let url = format!("{}/v1/chat/completions", gateway.url);
+    let body = chat_body(false).to_string();
+    let pending = send(
+        Method::POST,
+        &url,
+        &[("content-type", "application/json")],
+        &body,
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), pending)
+            .await
+            .is_err(),
+        "the upstream hangs"
+    );
+
+    let trace = eventually(Duration::from_secs(5), async || {
+        let listed = gateway.admin("/api/v1/traces").await;
+        listed["traces"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(trace["status"], 499);
+    assert_eq!(trace["error_class"], "cancelled");
+    let run = gateway
+        .admin(&format!(
+            "/api/v1/runs/{}",
+            trace["run_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        run["metrics"]["requests"], 1,
+        "exactly one trace for the call"
+    );
+}
+
+#[tokio::test]
+async fn overhead_is_total_minus_upstream_time() {
+    let upstream = Upstream::start(|_| {
+        Reply::Sse(vec![
+            (Duration::from_millis(200), chunk("slow")),
+            (Duration::ZERO, DONE.to_owned()),
+        ])
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let reply = gateway.chat(&[], chat_body(true)).await;
+    let latency = gateway.trace(reply.header("x-flowgate-trace-id")).await["latency"].clone();
+    let (total, upstream_ms, overhead) = (
+        latency["total_ms"].as_f64().unwrap(),
+        latency["upstream_ms"].as_f64().unwrap(),
+        latency["overhead_ms"].as_f64().unwrap(),
+    );
+    assert!(upstream_ms >= 200.0, "{latency}");
+    assert!(
+        (total - upstream_ms - overhead).abs() < 1.0,
+        "overhead = total − upstream (− body read): {latency}"
+    );
+    assert!(
+        overhead < 50.0,
+        "the upstream's 200 ms are not the gateway's: {latency}"
+    );
+    assert!(latency["ttft_ms"].as_f64().unwrap() >= 200.0, "{latency}");
+}
+
+#[tokio::test]
+async fn the_hidden_usage_chunk_is_the_only_difference() {
+    let upstream = Upstream::start(|seen| {
+        Reply::Sse(
+            streamed_answer(&["a", "b", "c"], asked_for_usage(seen))
+                .into_iter()
+                .map(|e| (Duration::ZERO, e))
+                .collect(),
+        )
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let reply = gateway.chat(&[], chat_body(true)).await;
+    let expected: String = streamed_answer(&["a", "b", "c"], false).concat();
+    assert_eq!(reply.text(), expected);
+}
+
+#[tokio::test]
+async fn stream_options_null_gets_a_single_key_asking_for_usage() {
+    let upstream = Upstream::start(|seen| {
+        Reply::Sse(
+            streamed_answer(&["x"], asked_for_usage(seen))
+                .into_iter()
+                .map(|e| (Duration::ZERO, e))
+                .collect(),
+        )
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let mut body = chat_body(true);
+    body["stream_options"] = Value::Null;
+    let reply = gateway.chat(&[], body).await;
+    assert_eq!(reply.status, 200);
+    let sent = String::from_utf8_lossy(&upstream.last().body).into_owned();
+    assert_eq!(sent.matches("stream_options").count(), 1, "{sent}");
+    assert!(asked_for_usage(&upstream.last()), "{sent}");
+    assert!(sse_data(&reply.body)
+        .iter()
+        .all(|e| !e.contains("\"usage\":{")));
+}
+
+#[tokio::test]
+async fn made_up_model_names_do_not_make_up_runs_or_series() {
+    let upstream = Upstream::start(|_| Reply::Json(200, chat_completion("ok", 1, 1))).await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    for i in 0..30 {
+        let reply = gateway
+            .chat(
+                &[],
+                json!({"model": format!("made-up-{i}"), "messages": []}),
+            )
+            .await;
+        assert_eq!(reply.status, 404);
+    }
+    let runs = gateway.admin("/api/v1/runs").await;
+    let runs = runs["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["metrics"]["requests"], 30);
+    let metrics = send(Method::GET, &format!("{}/metrics", gateway.url), &[], "")
+        .await
+        .text();
+    assert!(!metrics.contains("made-up-"), "{metrics}");
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let upstream = Upstream::start(|_| Reply::Json(200, chat_completion("h2", 1, 1))).await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let request = request(
+        Method::POST,
+        &format!("{}/v1/chat/completions", gateway.url),
+        &[("content-type", "application/json")],
+        chat_body(false).to_string(),
+    );
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let trace_id = response.headers()["x-flowgate-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    use http_body_util::BodyExt;
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap(),
+        chat_completion("h2", 1, 1)
+    );
+    assert_eq!(gateway.trace(&trace_id).await["status"], 200);
+}
+
+#[tokio::test]
+async fn the_mock_refuses_to_build_huge_answers() {
+    let gateway = TestGateway::start("http://127.0.0.1:9/v1", "", "").await;
+    let inputs: Vec<String> = (0..3000).map(|i| format!("text {i}")).collect();
+    let body = json!({"model": "mock/text-embedding-3-small", "input": inputs});
+    let reply = send(
+        Method::POST,
+        &format!("{}/v1/embeddings", gateway.url),
+        &[("content-type", "application/json")],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2048"));
+}

@@ -143,7 +143,28 @@ impl SledStore {
     }
 }
 
+/// How long to wait for another holder of the database lock to let go: a previous flowgate
+/// (or sled's own background I/O of one just closed) that is still finishing.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn open_db(path: &Path, cache_capacity_bytes: u64) -> Result<Db, StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        match try_open_db(path, cache_capacity_bytes) {
+            Err(StoreError::Open {
+                source: ::sled::Error::Io(io),
+                ..
+            }) if io.to_string().contains("could not acquire lock")
+                && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn try_open_db(path: &Path, cache_capacity_bytes: u64) -> Result<Db, StoreError> {
     let config = Config::new()
         .path(path)
         .cache_capacity(cache_capacity_bytes);
