@@ -494,6 +494,20 @@ async fn the_built_in_mock_answers_every_endpoint_without_a_key() {
             "response",
         ),
     ];
+    let unpriced = send(
+        Method::POST,
+        &format!("{}/v1/chat/completions", gateway.url),
+        &json_header,
+        &json!({"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+    )
+    .await;
+    let trace = gateway.trace(unpriced.header("x-flowgate-trace-id")).await;
+    assert_eq!(
+        trace["cost_usd"],
+        Value::Null,
+        "a model with no price costs null, not 0: {trace}"
+    );
+    assert!(trace["usage"]["input_tokens"].as_u64().unwrap() > 0);
     for (path, body, object) in cases {
         let reply = send(
             Method::POST,

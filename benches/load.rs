@@ -1,0 +1,285 @@
+//! Load harness: flowgate against direct calls, in one run.
+//!
+//! A mock OpenAI upstream runs in this process on its own runtime; flowgate (the release binary)
+//! runs as a child process pointed at it. Every scenario sends the same load straight to the mock
+//! and through flowgate (and LiteLLM with `--litellm`), one target after the other, and reports
+//! what the gateway adds: latency percentiles, time to first chunk, throughput, CPU per request,
+//! memory. It fails (non-zero exit) when flowgate errs on more than 0.1% of requests or stores
+//! fewer traces than it was sent.
+//!
+//! `cargo bench --bench load -- --help`, or `scripts/bench.sh [flags]`. Under `cargo test` it is a
+//! smoke test (see `flags`).
+
+#[path = "load/child.rs"]
+mod child;
+#[path = "load/cli.rs"]
+mod cli;
+#[path = "load/drive.rs"]
+mod drive;
+#[path = "load/gateway.rs"]
+mod gateway;
+#[path = "load/litellm.rs"]
+mod litellm;
+#[path = "load/mock.rs"]
+mod mock;
+#[path = "load/procfs.rs"]
+mod procfs;
+#[path = "load/prom.rs"]
+mod prom;
+#[path = "load/report.rs"]
+mod report;
+#[path = "load/scenario.rs"]
+mod scenario;
+#[path = "load/stats.rs"]
+mod stats;
+#[path = "load/workload.rs"]
+mod workload;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use cli::Settings;
+use gateway::Flowgate;
+use litellm::Litellm;
+use mock::Mock;
+use report::{
+    ExperimentTraces, GatewayMetrics, Report, ScenarioReport, TraceCheck, DIRECT, FLOWGATE,
+};
+use scenario::{Bench, Subject};
+use workload::{Expect, HttpClient, Target};
+
+/// Above this error rate a direct or flowgate phase fails the run.
+const MAX_ERROR_RATE: f64 = 0.001;
+
+fn main() -> ExitCode {
+    let settings = match flags().settings() {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("load: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&settings) {
+        Ok(report) if report.passed => ExitCode::SUCCESS,
+        Ok(report) => {
+            eprintln!("load: FAILED");
+            for failure in &report.failures {
+                eprintln!("  - {failure}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("load: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo bench` passes `--bench`. `cargo test --all-targets` runs this binary too, without it
+/// and with whatever test-runner arguments its caller gave (`--nocapture`, a filter): then, as
+/// criterion does, it is a smoke test — the `--quick` run, those arguments ignored, its JSON
+/// beside the real report rather than over it.
+fn flags() -> cli::Flags {
+    if std::env::args().any(|arg| arg == "--bench") {
+        return cli::Flags::parse();
+    }
+    eprintln!("load: no --bench (run by cargo test): a --quick smoke run");
+    let json = default_json_path().with_file_name("load-smoke.json");
+    cli::Flags::parse_from([
+        "load".as_ref(),
+        "--quick".as_ref(),
+        "--json".as_ref(),
+        json.as_os_str(),
+    ])
+}
+
+fn run(settings: &Settings) -> Result<Report, String> {
+    if settings.litellm {
+        litellm::ensure_installed()?;
+    }
+    let mock = Mock::start(&settings.mock())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.client_threads)
+        .thread_name("load-client")
+        .enable_all()
+        .build()
+        .map_err(|err| format!("client runtime: {err}"))?;
+    let report = runtime.block_on(bench(settings, &mock))?;
+    print!("{}", report::render(&report));
+    let path = settings.json.clone().unwrap_or_else(default_json_path);
+    report::write_json(&report, &path)?;
+    println!("json: {}", path.display());
+    Ok(report)
+}
+
+/// `<target dir>/bench/load.json`, the target dir found from the gateway binary's path so that
+/// `CARGO_TARGET_DIR` is honoured.
+fn default_json_path() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_flowgate"));
+    let target = exe.parent().and_then(|profile| profile.parent());
+    target
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+        .join("bench/load.json")
+}
+
+async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
+    let admin = workload::client(4);
+    let mut flowgate = Flowgate::start(&admin, mock.port).await?;
+    let litellm = match settings.litellm {
+        true => Some(Litellm::start(&admin, mock.port).await?),
+        false => None,
+    };
+    let bench = Bench {
+        settings,
+        expect: Expect {
+            body_len: mock.answer_len,
+            chunks: settings.chunks,
+        },
+        admin: admin.clone(),
+        subjects: subjects(mock, &flowgate, litellm.as_ref()),
+        clock_ticks: procfs::clock_ticks(),
+    };
+    let mut scenarios = Vec::new();
+    for (index, scenario) in scenario::plan(settings).iter().enumerate() {
+        eprintln!("{} (experiment {})", scenario.name, scenario.experiment);
+        scenarios.push(bench.scenario(index, scenario).await?);
+    }
+    let traces = check_traces(&flowgate, &admin, &scenarios).await?;
+    let whole = flowgate.metrics(&admin).await?;
+    drop(bench);
+    flowgate.stop();
+    let failures = failures(&scenarios, &traces);
+    Ok(Report {
+        machine: procfs::machine(),
+        settings: settings.clone(),
+        scenarios,
+        traces,
+        overhead_metric: GatewayMetrics {
+            overhead_p50_ms: whole.overhead_quantile_ms(0.50),
+            overhead_p99_ms: whole.overhead_quantile_ms(0.99),
+            traces_dropped: whole.traces_dropped,
+        },
+        passed: failures.is_empty(),
+        failures,
+    })
+}
+
+fn subjects<'a>(
+    mock: &Mock,
+    flowgate: &'a Flowgate,
+    litellm: Option<&Litellm>,
+) -> Vec<Subject<'a>> {
+    let url = |base: &str| {
+        format!("{base}/v1/chat/completions")
+            .parse()
+            .expect("a valid URL")
+    };
+    let mut subjects = vec![
+        Subject {
+            target: Target {
+                name: DIRECT,
+                url: url(&format!("http://127.0.0.1:{}", mock.port)),
+                exact: true,
+            },
+            pid: None,
+            flowgate: None,
+        },
+        Subject {
+            target: Target {
+                name: FLOWGATE,
+                url: url(&flowgate.base),
+                exact: true,
+            },
+            pid: Some(flowgate.pid()),
+            flowgate: Some(flowgate),
+        },
+    ];
+    if let Some(litellm) = litellm {
+        subjects.push(Subject {
+            // LiteLLM re-serialises answers: only their well-formedness is checked.
+            target: Target {
+                name: "litellm",
+                url: url(&litellm.base),
+                exact: false,
+            },
+            pid: Some(litellm.pid()),
+            flowgate: None,
+        });
+    }
+    subjects
+}
+
+/// Requests sent to flowgate per experiment (warm-ups included: each is a trace too), against
+/// the traces it stored, waiting up to 5 s for the recorder to catch up.
+async fn check_traces(
+    flowgate: &Flowgate,
+    admin: &HttpClient,
+    scenarios: &[ScenarioReport],
+) -> Result<TraceCheck, String> {
+    let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+    for scenario in scenarios {
+        for phase in scenario.phases.iter().filter(|p| p.target == FLOWGATE) {
+            *sent.entry(scenario.experiment.clone()).or_default() +=
+                phase.warmup_requests + phase.summary.requests;
+        }
+    }
+    let start = Instant::now();
+    let stored = loop {
+        let stored = flowgate.traces_by_experiment(admin).await?;
+        let caught_up = sent
+            .iter()
+            .all(|(name, &n)| stored.get(name).copied().unwrap_or(0) >= n);
+        if caught_up || start.elapsed() > Duration::from_secs(5) {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let by_experiment: Vec<ExperimentTraces> = sent
+        .into_iter()
+        .map(|(experiment, sent)| ExperimentTraces {
+            stored: stored.get(&experiment).copied().unwrap_or(0),
+            experiment,
+            sent,
+        })
+        .collect();
+    Ok(TraceCheck {
+        sent: by_experiment.iter().map(|e| e.sent).sum(),
+        stored: by_experiment.iter().map(|e| e.stored).sum(),
+        dropped: flowgate.metrics(admin).await?.traces_dropped,
+        by_experiment,
+    })
+}
+
+/// Why the run does not count: too many errors from flowgate (or from the mock itself, which
+/// means the harness is broken), or lost traces. LiteLLM's errors are reported, not judged.
+fn failures(scenarios: &[ScenarioReport], traces: &TraceCheck) -> Vec<String> {
+    let mut failures = Vec::new();
+    for scenario in scenarios {
+        for phase in &scenario.phases {
+            let s = &phase.summary;
+            let judged = phase.target == DIRECT || phase.target == FLOWGATE;
+            if judged && s.error_rate > MAX_ERROR_RATE {
+                failures.push(format!(
+                    "{} via {}: {} of {} requests failed ({:.2}%): {:?}",
+                    scenario.name,
+                    phase.target,
+                    s.errors,
+                    s.requests,
+                    s.error_rate * 100.0,
+                    s.errors_by_kind
+                ));
+            }
+        }
+    }
+    for e in traces.by_experiment.iter().filter(|e| e.stored < e.sent) {
+        failures.push(format!(
+            "experiment {}: {} requests sent to flowgate, {} traces stored",
+            e.experiment, e.sent, e.stored
+        ));
+    }
+    failures
+}

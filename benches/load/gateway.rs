@@ -1,0 +1,136 @@
+//! flowgate under test: the release binary as a child process, with a generated config in a
+//! temporary directory (its own port, its own sled store, full capture) and one OpenAI-kind
+//! provider pointed at the mock.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde::Deserialize;
+use tempfile::TempDir;
+
+use crate::child::ChildGuard;
+use crate::prom::Scrape;
+use crate::workload::{self, HttpClient};
+
+pub struct Flowgate {
+    // Declared first so that it is dropped (the process stopped) before the directory goes.
+    guard: ChildGuard,
+    pub base: String,
+    _dir: TempDir,
+}
+
+impl Flowgate {
+    pub async fn start(client: &HttpClient, mock_port: u16) -> Result<Flowgate, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("flowgate-load-")
+            .tempdir()
+            .map_err(|err| format!("temp dir: {err}"))?;
+        let port = free_port()?;
+        let config = dir.path().join("flowgate.toml");
+        std::fs::write(&config, config_text(port, dir.path(), mock_port))
+            .map_err(|err| format!("{}: {err}", config.display()))?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flowgate"));
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            // These would override the generated file.
+            .env_remove("FLOWGATE_LISTEN")
+            .env_remove("FLOWGATE_DATA_DIR")
+            .env_remove("FLOWGATE_CONFIG")
+            .env_remove("FLOWGATE_ADMIN_TOKEN")
+            .env("FLOWGATE_LOG", "warn");
+        let mut guard = ChildGuard::spawn("flowgate", command, &dir.path().join("flowgate.log"))?;
+        let base = format!("http://127.0.0.1:{port}");
+        let took = guard
+            .wait_healthy(client, &format!("{base}/healthz"), Duration::from_secs(60))
+            .await?;
+        eprintln!("flowgate (pid {}) healthy after {took:.1?}", guard.pid());
+        Ok(Flowgate {
+            guard,
+            base,
+            _dir: dir,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    pub async fn metrics(&self, client: &HttpClient) -> Result<Scrape, String> {
+        let text = self.admin(client, "/metrics").await?;
+        Ok(Scrape::parse(&String::from_utf8_lossy(&text)))
+    }
+
+    /// Stored traces per experiment. Admin reads first store what the recorder has queued, so
+    /// this also waits for the recorder to catch up.
+    pub async fn traces_by_experiment(
+        &self,
+        client: &HttpClient,
+    ) -> Result<BTreeMap<String, u64>, String> {
+        #[derive(Deserialize)]
+        struct List {
+            experiments: Vec<Experiment>,
+        }
+        #[derive(Deserialize)]
+        struct Experiment {
+            name: String,
+            traces: u64,
+        }
+        let body = self.admin(client, "/api/v1/experiments").await?;
+        let list: List = serde_json::from_slice(&body)
+            .map_err(|err| format!("GET /api/v1/experiments: {err}"))?;
+        Ok(list
+            .experiments
+            .into_iter()
+            .map(|e| (e.name, e.traces))
+            .collect())
+    }
+
+    async fn admin(&self, client: &HttpClient, path: &str) -> Result<bytes::Bytes, String> {
+        match workload::get(client, &format!("{}{path}", self.base)).await? {
+            (StatusCode::OK, body) => Ok(body),
+            (status, body) => Err(format!(
+                "GET {path}: {status}: {}",
+                String::from_utf8_lossy(&body)
+            )),
+        }
+    }
+
+    /// SIGTERM and wait: flowgate finishes in-flight calls and flushes its store.
+    pub fn stop(&mut self) {
+        self.guard.stop(Duration::from_secs(30));
+    }
+}
+
+fn config_text(port: u16, dir: &std::path::Path, mock_port: u16) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[storage]
+path = "{store}"
+capture = "full"
+
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "http://127.0.0.1:{mock_port}/v1"
+models = ["gpt-*"]
+"#,
+        store = dir.join("flowgate.sled").display(),
+    )
+}
+
+/// A port nobody listens on now. Another process could take it before the child binds it; on
+/// a machine running one benchmark that does not happen, and the health check would say so.
+pub fn free_port() -> Result<u16, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|err| format!("free port: {err}"))?;
+    listener
+        .local_addr()
+        .map(|addr| addr.port())
+        .map_err(|err| err.to_string())
+}
