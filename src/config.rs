@@ -130,7 +130,7 @@ impl Default for StorageConfig {
             flush_interval_ms: 200,
             queue_capacity: 65_536,
             queue_max_bytes: 256 * 1024 * 1024,
-            cache_capacity_bytes: 64 * 1024 * 1024,
+            cache_capacity_bytes: 16 * 1024 * 1024,
         }
     }
 }

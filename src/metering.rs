@@ -90,10 +90,11 @@ fn strip_snapshot(model: &str) -> Option<&str> {
     (iso && digits_only(year) && digits_only(month) && digits_only(last)).then_some(base)
 }
 
-/// Loads the tokenizers now, so the first counted call does not pay for it.
+/// Loads the tokenizer of current OpenAI models now, so the first counted call does not pay for
+/// it. cl100k (older and non-OpenAI models) loads on first use, on the recorder thread: it costs
+/// about 22 MB of memory that most deployments never need.
 pub fn warm_tokenizers() {
     let _ = tiktoken_rs::o200k_base_singleton();
-    let _ = tiktoken_rs::cl100k_base_singleton();
 }
 
 /// Text counted with the tokenizer at most; the rest is estimated at four bytes a token.

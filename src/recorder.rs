@@ -62,8 +62,9 @@ impl TraceEvent {
     }
 }
 
+/// What the admin side asks of the recorder. Traces travel on a queue of their own, which the
+/// recorder drains on a timer: a finished call never wakes the recorder thread.
 pub(crate) enum Command {
-    Trace(Box<TraceEvent>),
     Score {
         trace_id: String,
         score: Score,
@@ -78,6 +79,7 @@ pub(crate) enum Command {
 /// The request path's and the admin API's way into the recorder. Cheap to clone.
 #[derive(Clone)]
 pub struct RecorderHandle {
+    traces: mpsc::Sender<Box<TraceEvent>>,
     pub(crate) tx: mpsc::Sender<Command>,
     pub(crate) dropped: prometheus_client::metrics::counter::Counter,
     /// Body bytes the queued events hold, bounded by `max_queued_bytes`.
@@ -95,7 +97,7 @@ impl RecorderHandle {
             self.dropped.inc();
             return;
         }
-        if self.tx.try_send(Command::Trace(Box::new(event))).is_err() {
+        if self.traces.try_send(Box::new(event)).is_err() {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             self.dropped.inc();
         }
@@ -103,7 +105,7 @@ impl RecorderHandle {
 
     /// Traces waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.traces.max_capacity() - self.traces.capacity()
     }
 
     /// Waits until every trace handed over before this call is stored, so a read that follows
@@ -187,9 +189,11 @@ pub fn spawn(
     pricing: Pricing,
     settings: RecorderSettings,
 ) -> Result<(RecorderHandle, RecorderControl), StoreError> {
-    let (tx, rx) = mpsc::channel(settings.queue_capacity);
+    let (traces_tx, traces_rx) = mpsc::channel(settings.queue_capacity);
+    let (tx, rx) = mpsc::channel(64);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
     let handle = RecorderHandle {
+        traces: traces_tx,
         tx: tx.clone(),
         dropped: metrics.traces_dropped.clone(),
         queued_bytes: queued_bytes.clone(),
@@ -215,7 +219,7 @@ pub fn spawn(
                 .enable_time()
                 .build()
             {
-                Ok(runtime) => runtime.block_on(task.run(rx)),
+                Ok(runtime) => runtime.block_on(task.run(traces_rx, rx)),
                 Err(err) => tracing::error!(%err, "the recorder could not start its runtime"),
             }
         })
@@ -231,6 +235,10 @@ pub fn spawn(
         },
     ))
 }
+
+/// The recorder drains the trace queue at least this often (and flushes every
+/// `flush_interval`): it is never woken by a single trace.
+const MAX_DRAIN_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Traces gathered before a write; a full batch is written at once.
 const BATCH_SIZE: usize = 512;
@@ -255,37 +263,75 @@ struct Recorder {
 }
 
 impl Recorder {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut tick = tokio::time::interval(self.settings.flush_interval);
+    async fn run(
+        mut self,
+        mut traces: mpsc::Receiver<Box<TraceEvent>>,
+        mut commands: mpsc::Receiver<Command>,
+    ) {
+        let drain_every = self.settings.flush_interval.min(MAX_DRAIN_INTERVAL);
+        let mut tick = tokio::time::interval(drain_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_flush = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                command = rx.recv() => match command {
-                    Some(Command::Shutdown(reply)) => {
-                        rx.close();
-                        while let Ok(command) = rx.try_recv() {
-                            self.handle_isolated(command);
+                command = commands.recv() => {
+                    self.drain(&mut traces);
+                    match command {
+                        Some(Command::Shutdown(reply)) => {
+                            traces.close();
+                            self.drain(&mut traces);
+                            self.close();
+                            let _ = reply.send(());
+                            return;
                         }
-                        self.flush();
-                        if let Err(err) = self.store.flush() {
-                            tracing::error!(%err, "could not flush the store at shutdown");
+                        Some(command) => self.handle_isolated(command),
+                        None => {
+                            self.close();
+                            return;
                         }
-                        let _ = reply.send(());
-                        return;
-                    }
-                    Some(command) => self.handle_isolated(command),
-                    None => {
-                        self.flush();
-                        let _ = self.store.flush();
-                        return;
                     }
                 },
-                _ = tick.tick() => self.flush(),
+                _ = tick.tick() => {
+                    self.drain(&mut traces);
+                    if last_flush.elapsed() >= self.settings.flush_interval {
+                        self.flush();
+                        last_flush = tokio::time::Instant::now();
+                    }
+                }
             }
         }
     }
 
-    /// A bug that panics on one trace must not stop recording for every later one.
+    fn drain(&mut self, traces: &mut mpsc::Receiver<Box<TraceEvent>>) {
+        while let Ok(event) = traces.try_recv() {
+            self.queued_bytes.fetch_sub(event.size(), Ordering::Relaxed);
+            let recorded =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.record(*event)));
+            if recorded.is_err() {
+                tracing::error!(
+                    "the recorder failed on one trace and skipped it; recording goes on"
+                );
+            }
+        }
+    }
+
+    fn record(&mut self, event: TraceEvent) {
+        let trace = self.complete(event);
+        self.aggregate(&trace);
+        self.pending.push(trace);
+        if self.pending.len() >= BATCH_SIZE {
+            self.flush();
+        }
+    }
+
+    fn close(&mut self) {
+        self.flush();
+        if let Err(err) = self.store.flush() {
+            tracing::error!(%err, "could not flush the store at shutdown");
+        }
+    }
+
+    /// A bug that panics on one command must not stop recording for every later one.
     fn handle_isolated(&mut self, command: Command) {
         let outcome =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(command)));
@@ -296,15 +342,6 @@ impl Recorder {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Trace(event) => {
-                self.queued_bytes.fetch_sub(event.size(), Ordering::Relaxed);
-                let trace = self.complete(*event);
-                self.aggregate(&trace);
-                self.pending.push(trace);
-                if self.pending.len() >= BATCH_SIZE {
-                    self.flush();
-                }
-            }
             Command::Score {
                 trace_id,
                 score,
@@ -329,7 +366,7 @@ impl Recorder {
     fn complete(&self, mut event: TraceEvent) -> Trace {
         let mut trace = std::mem::take(&mut event.trace);
         let whole = (!event.response_is_sse).then(|| concat(&event.response));
-        let mut answer = read_answer(&event, whole.as_deref());
+        let answer = read_answer(&event, whole.as_deref());
         let model = trace
             .served_model
             .clone()
@@ -354,8 +391,8 @@ impl Recorder {
         explain_error(&mut trace, &answer);
         if self.settings.capture == Capture::Full {
             let limit = self.settings.max_capture_bytes;
-            trace.request_body = Some(capture_bytes(&event.request_body, limit));
-            trace.response_body = capture_answer(&event, &mut answer, whole.as_deref(), limit);
+            trace.request_body = Some(Captured::of_bytes(&event.request_body, limit));
+            trace.response_body = capture_answer(&event, &answer, whole.as_deref(), limit);
         }
         trace
     }
@@ -551,39 +588,20 @@ fn tokens_of(usage: &Usage) -> Option<Tokens> {
 /// Replaces a bare "upstream answered 4xx" with the provider's own message, and records an
 /// error event a stream carried.
 fn explain_error(trace: &mut Trace, answer: &usage::Answer) {
-    let provider_message = answer
-        .json
-        .as_ref()
-        .and_then(|json| json.pointer("/error/message"))
-        .and_then(serde_json::Value::as_str);
-    if let (Some(error), Some(message)) = (trace.error.as_mut(), provider_message) {
-        if error.class == "upstream_http" {
+    let Some(message) = &answer.error_message else {
+        return;
+    };
+    match trace.error.as_mut() {
+        Some(error) if error.class == "upstream_http" => {
             error.message = format!("{} — {message}", error.message);
         }
-    }
-    if trace.error.is_none() {
-        if let Some(message) = &answer.stream_error {
+        None if trace.stream => {
             trace.error = Some(TraceError {
                 class: "upstream_stream".into(),
                 message: message.clone(),
             });
         }
-    }
-}
-
-fn capture_bytes(bytes: &[u8], limit: usize) -> Captured {
-    if bytes.len() <= limit {
-        if let Ok(json) = serde_json::from_slice(bytes) {
-            return Captured {
-                content: json,
-                truncated: false,
-            };
-        }
-    }
-    let cut = &bytes[..bytes.len().min(limit)];
-    Captured {
-        content: serde_json::Value::String(String::from_utf8_lossy(cut).into_owned()),
-        truncated: bytes.len() > limit,
+        _ => {}
     }
 }
 
@@ -606,11 +624,10 @@ fn read_answer(event: &TraceEvent, whole: Option<&[u8]>) -> usage::Answer {
     answer
 }
 
-/// The answer as stored: the assembled text of a stream, or the response body (reusing the
-/// parse already made when it fits).
+/// The answer as stored: the assembled text of a stream, or the response body.
 fn capture_answer(
     event: &TraceEvent,
-    answer: &mut usage::Answer,
+    answer: &usage::Answer,
     whole: Option<&[u8]>,
     limit: usize,
 ) -> Option<Captured> {
@@ -620,20 +637,9 @@ fn capture_answer(
     let Some(bytes) = whole else {
         let text: String = answer.text.chars().take(limit).collect();
         let truncated = event.response_cut || text.len() < answer.text.len();
-        return Some(Captured {
-            content: serde_json::Value::String(text),
-            truncated,
-        });
+        return Some(Captured::text(&text, truncated));
     };
-    if !event.response_cut && bytes.len() <= limit {
-        if let Some(json) = answer.json.take() {
-            return Some(Captured {
-                content: json,
-                truncated: false,
-            });
-        }
-    }
-    let mut captured = capture_bytes(bytes, limit);
+    let mut captured = Captured::of_bytes(bytes, limit);
     captured.truncated |= event.response_cut;
     Some(captured)
 }

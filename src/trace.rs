@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// One call through the gateway, however it ended (CONTRACT section 5).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -134,12 +135,55 @@ pub struct Score {
     pub at_ms: u64,
 }
 
-/// A captured body: JSON when it parsed as JSON, else text; `truncated` past the capture limit.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// A captured body, kept as raw JSON: the bytes the client or provider sent when they were JSON
+/// (never parsed into a tree and printed again), else the text as a JSON string. `truncated`
+/// past the capture limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Captured {
-    pub content: serde_json::Value,
+    pub content: Box<RawValue>,
     #[serde(default)]
     pub truncated: bool,
+}
+
+impl PartialEq for Captured {
+    fn eq(&self, other: &Captured) -> bool {
+        self.content.get() == other.content.get() && self.truncated == other.truncated
+    }
+}
+
+impl Captured {
+    /// The body as JSON when it is JSON within `limit` bytes, else as text cut at `limit`.
+    pub fn of_bytes(bytes: &[u8], limit: usize) -> Captured {
+        if bytes.len() <= limit {
+            if let Ok(content) = serde_json::from_slice::<Box<RawValue>>(bytes) {
+                return Captured {
+                    content,
+                    truncated: false,
+                };
+            }
+        }
+        let cut = &bytes[..bytes.len().min(limit)];
+        Captured::text(&String::from_utf8_lossy(cut), bytes.len() > limit)
+    }
+
+    pub fn text(text: &str, truncated: bool) -> Captured {
+        let quoted = serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned());
+        let content = RawValue::from_string(quoted).unwrap_or_else(|_| empty_string());
+        Captured { content, truncated }
+    }
+
+    pub fn json(value: &serde_json::Value) -> Captured {
+        let content = serde_json::value::to_raw_value(value).unwrap_or_else(|_| empty_string());
+        Captured {
+            content,
+            truncated: false,
+        }
+    }
+}
+
+fn empty_string() -> Box<RawValue> {
+    // A literal that is valid JSON: building it cannot fail.
+    RawValue::from_string("\"\"".to_owned()).unwrap_or_else(|_| unreachable!("\"\" is valid JSON"))
 }
 
 /// A short view of a trace for listings.

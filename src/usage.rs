@@ -2,6 +2,7 @@
 //! chat, completions, embeddings and responses shapes, whole JSON or SSE. Runs in the recorder.
 
 use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::providers::Endpoint;
@@ -51,29 +52,64 @@ pub fn usage_from_tail(bytes: &[u8]) -> Option<ProviderUsage> {
 #[derive(Debug, Default, PartialEq)]
 pub struct Answer {
     pub usage: Option<ProviderUsage>,
-    /// The assembled text of the answer (streams), for the trace and for counting tokens.
+    /// The assembled text of a stream; of a JSON answer only when it reported no usage (then the
+    /// text is needed to count tokens).
     pub text: String,
     /// µs from request start to the first frame that carried content (streams).
     pub first_content_us: Option<u64>,
-    /// The response parsed as JSON (non-streamed), for capture.
-    pub json: Option<Value>,
-    /// An error event the stream carried.
-    pub stream_error: Option<String>,
+    /// The body was valid JSON (non-streamed).
+    pub is_json: bool,
+    /// `error.message` of an error body, or of an error event in a stream.
+    pub error_message: Option<String>,
+}
+
+/// The parts of a JSON answer the recorder needs; everything else is skipped unallocated.
+#[derive(Deserialize)]
+struct Head {
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ErrorBody {
+    Object {
+        #[serde(default)]
+        message: Option<String>,
+    },
+    Other(Value),
+}
+
+impl ErrorBody {
+    fn message(self) -> Option<String> {
+        match self {
+            ErrorBody::Object { message } => message,
+            ErrorBody::Other(Value::Null) => None,
+            ErrorBody::Other(other) => Some(other.to_string()),
+        }
+    }
 }
 
 /// Reads a complete, non-streamed JSON response.
 pub fn from_json(endpoint: Endpoint, body: &[u8]) -> Answer {
-    let Ok(json) = serde_json::from_slice::<Value>(body) else {
+    let Ok(head) = serde_json::from_slice::<Head>(body) else {
         return Answer::default();
     };
-    let usage = json.get("usage").and_then(parse_usage);
-    let text = answer_text(endpoint, &json);
+    let usage = head.usage.as_ref().and_then(parse_usage);
+    let text = match usage {
+        Some(_) => String::new(),
+        None => serde_json::from_slice::<Value>(body)
+            .map(|json| answer_text(endpoint, &json))
+            .unwrap_or_default(),
+    };
     Answer {
         usage,
         text,
         first_content_us: None,
-        json: Some(json),
-        stream_error: None,
+        is_json: true,
+        error_message: head.error.and_then(ErrorBody::message),
     }
 }
 
@@ -120,54 +156,79 @@ pub fn from_sse(endpoint: Endpoint, frames: &[(u64, Bytes)]) -> Answer {
     answer
 }
 
+/// One streamed event, chat/completions chunk or Responses event alike: only the fields read.
+#[derive(Deserialize)]
+struct StreamEvent<'a> {
+    #[serde(default)]
+    choices: Vec<StreamChoice>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    delta: Option<Value>,
+    #[serde(default)]
+    response: Option<ResponseUsage>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResponseUsage {
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
 fn read_event(endpoint: Endpoint, raw: &[u8], answer: &mut Answer) {
     let event = parse_event(raw);
     if event.data.is_empty() || event.data == "[DONE]" {
         return;
     }
-    let Ok(json) = serde_json::from_str::<Value>(&event.data) else {
+    let Ok(parsed) = serde_json::from_str::<StreamEvent>(&event.data) else {
         return;
     };
-    if let Some(error) = json.get("error").filter(|e| !e.is_null()) {
-        answer.stream_error = Some(
-            error
-                .get("message")
-                .and_then(Value::as_str)
-                .map_or_else(|| error.to_string(), str::to_owned),
-        );
+    if let Some(message) = parsed.error.and_then(ErrorBody::message) {
+        answer.error_message = Some(message);
     }
-    match endpoint {
-        Endpoint::Responses => match json.get("type").and_then(Value::as_str) {
+    if endpoint == Endpoint::Responses {
+        match parsed.kind.as_deref() {
             Some("response.output_text.delta") => {
-                if let Some(delta) = json.get("delta").and_then(Value::as_str) {
+                if let Some(Value::String(delta)) = &parsed.delta {
                     answer.text.push_str(delta);
                 }
             }
             Some("response.completed") | Some("response.incomplete") | Some("response.failed") => {
-                if let Some(usage) = json.pointer("/response/usage").and_then(parse_usage) {
+                let usage = parsed.response.and_then(|r| r.usage);
+                if let Some(usage) = usage.as_ref().and_then(parse_usage) {
                     answer.usage = Some(usage);
                 }
             }
             _ => {}
-        },
-        _ => {
-            for choice in json
-                .get("choices")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let piece = choice
-                    .pointer("/delta/content")
-                    .or_else(|| choice.get("text"));
-                if let Some(text) = piece.and_then(Value::as_str) {
-                    answer.text.push_str(text);
-                }
-            }
-            if let Some(usage) = json.get("usage").and_then(parse_usage) {
-                answer.usage = Some(usage);
-            }
         }
+        return;
+    }
+    for choice in parsed.choices {
+        let piece = choice.delta.and_then(|d| d.content).or(choice.text);
+        if let Some(text) = piece {
+            answer.text.push_str(&text);
+        }
+    }
+    if let Some(usage) = parsed.usage.as_ref().and_then(parse_usage) {
+        answer.usage = Some(usage);
     }
 }
 
@@ -243,10 +304,27 @@ mod tests {
 
     #[test]
     fn json_answers() {
-        let chat = from_json(Endpoint::ChatCompletions, br#"{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
+        let chat = from_json(
+            Endpoint::ChatCompletions,
+            br#"{"choices":[{"message":{"content":"ok"}}]}"#,
+        );
         assert_eq!(chat.text, "ok");
-        let responses = from_json(Endpoint::Responses, br#"{"output":[{"content":[{"type":"output_text","text":"yo"}]}],"usage":{"input_tokens":1,"output_tokens":1}}"#);
+        assert!(chat.is_json && chat.usage.is_none());
+        let responses = from_json(
+            Endpoint::Responses,
+            br#"{"output":[{"content":[{"type":"output_text","text":"yo"}]}]}"#,
+        );
         assert_eq!(responses.text, "yo");
+        let metered = from_json(
+            Endpoint::Responses,
+            br#"{"output":[],"usage":{"input_tokens":1,"output_tokens":2}}"#,
+        );
+        assert_eq!(metered.usage.map(|u| u.output), Some(2));
+        let error = from_json(
+            Endpoint::ChatCompletions,
+            br#"{"error":{"message":"slow down","code":"rate"}}"#,
+        );
+        assert_eq!(error.error_message.as_deref(), Some("slow down"));
         assert_eq!(
             from_json(Endpoint::Embeddings, b"not json"),
             Answer::default()

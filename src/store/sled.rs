@@ -498,14 +498,8 @@ mod tests {
                 source: "provider".into(),
             },
             cache: "miss".into(),
-            request_body: Some(Captured {
-                content: serde_json::json!({"messages": [n]}),
-                truncated: false,
-            }),
-            response_body: Some(Captured {
-                content: serde_json::json!("hello"),
-                truncated: true,
-            }),
+            request_body: Some(Captured::json(&serde_json::json!({"messages": [n]}))),
+            response_body: Some(Captured::text("hello", true)),
             ..Trace::default()
         }
     }
