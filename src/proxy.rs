@@ -304,7 +304,9 @@ impl Proxy {
             model: (!call.route.model.is_empty()).then(|| call.route.model.clone()),
             stream: call.stream,
         };
-        draft.request_body = call.upstream_body;
+        // Kept for the trace as a copy: the body is a slice of the client connection's read
+        // buffer, which the recorder would otherwise pin until it runs.
+        draft.request_body = Bytes::copy_from_slice(&call.upstream_body);
         let deadline = tokio::time::Instant::from_std(draft.started() + self.request_timeout);
         draft.upstream_started = Some(std::time::Instant::now());
         let upstream =

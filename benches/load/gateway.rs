@@ -113,7 +113,7 @@ listen = "127.0.0.1:{port}"
 
 [storage]
 path = "{store}"
-capture = "full"
+{storage}
 
 [[providers]]
 name = "openai"
@@ -122,6 +122,9 @@ base_url = "http://127.0.0.1:{mock_port}/v1"
 models = ["gpt-*"]
 "#,
         store = dir.join("flowgate.sled").display(),
+        // More [storage] keys to try (e.g. `capture = "metadata"`): FLOWGATE_BENCH_STORAGE.
+        storage = std::env::var("FLOWGATE_BENCH_STORAGE")
+            .unwrap_or_else(|_| "capture = \"full\"".to_owned()),
     )
 }
 

@@ -302,7 +302,9 @@ impl MeteredBody {
         if let Some(out) = &out {
             self.at_event_boundary = crate::sse::ends_event(out);
         }
-        self.captured.push(at_us, data);
+        // A copy, not a reference: a frame is a slice of the connection's read buffer, and
+        // holding it until the recorder runs would pin that whole buffer.
+        self.captured.push(at_us, Bytes::copy_from_slice(&data));
         out
     }
 }

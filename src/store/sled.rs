@@ -4,8 +4,7 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `traces` | 16 raw bytes of the UUIDv7 trace id (big-endian, so time-ordered) | trace without bodies |
-//! | `trace_bodies` | trace id | request and response bodies |
+//! | `traces` | 16 raw bytes of the UUIDv7 trace id (big-endian, so time-ordered) | the trace, bodies included |
 //! | `run_traces` | run id ‖ trace id | empty |
 //! | `session_traces` | session ‖ trace id | empty |
 //! | `experiment_traces` | experiment ‖ trace id | empty |
@@ -16,7 +15,8 @@
 //!
 //! In index keys the first part is length-prefixed (u32, big-endian), so one part's bytes can
 //! never run into the next and a prefix scan for "ab" never sees "abc". Values are a one-byte
-//! codec version followed by JSON. Bodies live apart so listings never read or decode them.
+//! codec version followed by JSON. Bodies are kept raw (never parsed into a tree), so decoding a
+//! trace for a listing costs little more than its head.
 //! Scores live inside their trace (and are aggregated into the run), so they need no tree.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,12 +24,12 @@ use std::path::{Path, PathBuf};
 
 use ::sled::{Batch as WriteBatch, Config, Db, IVec, Tree};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use uuid::Uuid;
 
 use super::{Batch, Store, StoreError, TracePage, TraceQuery};
 use crate::runs::{Experiment, Run};
-use crate::trace::{Captured, Trace, TraceSummary};
+use crate::trace::{Trace, TraceSummary};
 
 /// The on-disk layout version; a database with a newer one is refused, not misread.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -43,7 +43,6 @@ type TraceKey = [u8; TRACE_KEY_LEN];
 pub struct SledStore {
     db: Db,
     traces: Tree,
-    bodies: Tree,
     run_traces: Tree,
     session_traces: Tree,
     experiment_traces: Tree,
@@ -60,7 +59,6 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name);
         Ok(SledStore {
             traces: tree("traces")?,
-            bodies: tree("trace_bodies")?,
             run_traces: tree("run_traces")?,
             session_traces: tree("session_traces")?,
             experiment_traces: tree("experiment_traces")?,
@@ -115,19 +113,9 @@ impl SledStore {
 
     fn trace_writes(&self, trace: &Trace, writes: &mut Writes) -> Result<(), StoreError> {
         let key = trace_key(&trace.id)?;
-        // The head is the trace minus its bodies; cloning is simpler than a second schema and
-        // happens in the recorder, off the request path.
-        let mut head = trace.clone();
-        let bodies = Bodies {
-            request_body: head.request_body.take(),
-            response_body: head.response_body.take(),
-        };
-        writes.traces.insert(&key, encode("trace", &head)?);
-        if bodies.request_body.is_some() || bodies.response_body.is_some() {
-            writes.bodies.insert(&key, encode("trace bodies", &bodies)?);
-        } else {
-            writes.bodies.remove(&key);
-        }
+        // One record with its bodies: a write per trace fewer than keeping bodies apart, which
+        // matters more (the recorder's cost is mostly sled's) than listings decoding the bodies.
+        writes.traces.insert(&key, encode("trace", trace)?);
         writes
             .run_traces
             .insert(join(&length_prefixed(&trace.run_id)?, &key), &[]);
@@ -233,7 +221,6 @@ impl Store for SledStore {
         }
         // Indexes after the records they point to, aggregates last: a crash in between leaves
         // at worst an index entry without its trace, which readers skip.
-        self.bodies.apply_batch(writes.bodies)?;
         self.traces.apply_batch(writes.traces)?;
         self.run_traces.apply_batch(writes.run_traces)?;
         self.session_traces.apply_batch(writes.session_traces)?;
@@ -247,17 +234,10 @@ impl Store for SledStore {
 
     fn trace(&self, id: &str) -> Result<Option<Trace>, StoreError> {
         let key = trace_key(id)?;
-        let Some(head) = self.traces.get(key)? else {
+        let Some(stored) = self.traces.get(key)? else {
             return Ok(None);
         };
-        let mut trace = decode_trace(&key, &head)?;
-        if let Some(stored) = self.bodies.get(key)? {
-            let bodies: Bodies =
-                decode(&stored).map_err(|reason| corrupt_trace(&key, "bodies", reason))?;
-            trace.request_body = bodies.request_body;
-            trace.response_body = bodies.response_body;
-        }
-        Ok(Some(trace))
+        decode_trace(&key, &stored).map(Some)
     }
 
     fn traces(&self, query: &TraceQuery) -> Result<TracePage, StoreError> {
@@ -365,21 +345,12 @@ impl Store for SledStore {
 #[derive(Default)]
 struct Writes {
     traces: WriteBatch,
-    bodies: WriteBatch,
     run_traces: WriteBatch,
     session_traces: WriteBatch,
     experiment_traces: WriteBatch,
     runs: WriteBatch,
     experiment_runs: WriteBatch,
     experiments: WriteBatch,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Bodies {
-    #[serde(default)]
-    request_body: Option<Captured>,
-    #[serde(default)]
-    response_body: Option<Captured>,
 }
 
 fn matches(query: &TraceQuery, summary: &TraceSummary) -> bool {
@@ -414,7 +385,9 @@ fn join(prefix: &[u8], suffix: &[u8]) -> Vec<u8> {
 }
 
 fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
-    let mut bytes = vec![CODEC_VERSION];
+    // Most records (a trace with small bodies, a run with its sketches) fit: no regrowth.
+    let mut bytes = Vec::with_capacity(4096);
+    bytes.push(CODEC_VERSION);
     serde_json::to_writer(&mut bytes, value)
         .map_err(|source| StoreError::Encode { what, source })?;
     Ok(bytes)
@@ -498,8 +471,10 @@ mod tests {
                 source: "provider".into(),
             },
             cache: "miss".into(),
-            request_body: Some(Captured::json(&serde_json::json!({"messages": [n]}))),
-            response_body: Some(Captured::text("hello", true)),
+            request_body: Some(crate::trace::Captured::json(
+                &serde_json::json!({"messages": [n]}),
+            )),
+            response_body: Some(crate::trace::Captured::text("hello", true)),
             ..Trace::default()
         }
     }
