@@ -252,27 +252,49 @@ impl Router {
     }
 }
 
-/// Glob match with `*` (any run of characters) and `?` (one character).
+/// Glob match with `*` (any run of characters) and `?` (one character). Works on bytes without
+/// allocating (it runs for every pattern on every routed call); `?` steps over a whole UTF-8
+/// character.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let (mut pi, mut ti) = (0, 0);
     let mut backtrack: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            backtrack = Some((pi, ti));
-            pi += 1;
-        } else if let Some((star, matched)) = backtrack {
-            pi = star + 1;
-            ti = matched + 1;
-            backtrack = Some((star, matched + 1));
-        } else {
-            return false;
+        match p.get(pi) {
+            Some(b'?') => {
+                pi += 1;
+                ti += utf8_len(t[ti]);
+            }
+            Some(b'*') => {
+                backtrack = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match backtrack {
+                Some((star, matched)) => {
+                    let next = matched + utf8_len(t[matched]);
+                    pi = star + 1;
+                    ti = next;
+                    backtrack = Some((star, next));
+                }
+                None => return false,
+            },
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    p[pi.min(p.len())..].iter().all(|&c| c == b'*')
+}
+
+/// Bytes of the UTF-8 character that starts with `lead`.
+fn utf8_len(lead: u8) -> usize {
+    match lead {
+        0xF0..=0xFF => 4,
+        0xE0..=0xEF => 3,
+        0xC0..=0xDF => 2,
+        _ => 1,
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +314,10 @@ mod tests {
             ("*mini*", "gpt-4o-mini-2024", true),
             ("exact", "exact", true),
             ("exact", "exactly", false),
+            ("m?del", "mödel", true),
+            ("*ö*", "gpt-ö-1", true),
+            ("a?", "aé", true),
+            ("a?", "aéb", false),
             ("a*b*c", "aXbYc", true),
             ("a*b*c", "aXbY", false),
         ];
