@@ -44,6 +44,9 @@ pub enum ConfigError {
     },
 }
 
+/// hyper's smallest read buffer.
+const MIN_HEADER_BYTES: usize = 8192;
+
 /// Longest accepted `request_timeout_ms`: a day.
 const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -79,6 +82,14 @@ pub struct ServerConfig {
     pub connect_timeout_ms: u64,
     /// How long in-flight requests may finish after SIGTERM/SIGINT.
     pub shutdown_grace_ms: u64,
+    /// Largest request head (request line and headers); larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Time a client gets to send its request head; slower ones (slowloris) are disconnected.
+    pub header_read_timeout_ms: u64,
+    /// Open client connections at most; further ones get 503 with `retry-after`.
+    pub max_connections: usize,
+    /// Calls in progress (streams until their last byte) at most; further ones get 503.
+    pub max_in_flight: usize,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +101,10 @@ impl Default for ServerConfig {
             request_timeout_ms: 600_000,
             connect_timeout_ms: 10_000,
             shutdown_grace_ms: 30_000,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout_ms: 30_000,
+            max_connections: 10_000,
+            max_in_flight: 4096,
         }
     }
 }
@@ -316,6 +331,16 @@ impl Config {
             return Err(self.invalid(format!(
                 "server.request_timeout_ms must be between 1 and {MAX_TIMEOUT_MS} (24 hours)"
             )));
+        }
+        if self.server.max_header_bytes < MIN_HEADER_BYTES {
+            return Err(self.invalid(format!(
+                "server.max_header_bytes must be at least {MIN_HEADER_BYTES} (the HTTP library's floor)"
+            )));
+        }
+        if self.server.max_connections == 0 || self.server.max_in_flight == 0 {
+            return Err(self.invalid(
+                "server.max_connections and server.max_in_flight must be greater than 0".into(),
+            ));
         }
         if self.storage.queue_max_bytes == 0 {
             return Err(self.invalid("storage.queue_max_bytes must be greater than 0".into()));

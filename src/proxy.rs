@@ -3,7 +3,11 @@
 //! The hot path parses only what routing and run identity need, forwards the body byte for byte
 //! where nothing must change, and hands everything else to the recorder when the call ends.
 
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -26,7 +30,7 @@ pub mod body;
 pub mod headers;
 pub mod request;
 
-use body::{Captured, Draft, MeteredBody};
+use body::{Captured, Draft, InFlight, MeteredBody};
 use request::RequestFields;
 
 pub const TRACE_ID_HEADER: &str = "x-flowgate-trace-id";
@@ -39,6 +43,10 @@ const MIN_METERING_BYTES: usize = 4 * 1024 * 1024;
 pub struct Proxy {
     router: Router,
     recorder: RecorderHandle,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
+    /// `flowgate_rejected_total{reason="in_flight"}`.
+    rejected: Counter,
     max_body_bytes: u64,
     request_timeout: Duration,
     metering_bytes: usize,
@@ -54,10 +62,18 @@ struct Call {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, router: Router, recorder: RecorderHandle) -> Proxy {
+    pub fn new(
+        config: &Config,
+        router: Router,
+        recorder: RecorderHandle,
+        rejected: Counter,
+    ) -> Proxy {
         Proxy {
             router,
             recorder,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight: config.server.max_in_flight,
+            rejected,
             max_body_bytes: config.server.max_body_bytes,
             request_timeout: Duration::from_millis(config.server.request_timeout_ms),
             metering_bytes: config.storage.max_capture_bytes.max(MIN_METERING_BYTES),
@@ -69,6 +85,21 @@ impl Proxy {
     }
 
     pub async fn handle(&self, request: http::Request<Incoming>) -> Response<ResponseBody> {
+        let Some(in_flight) = InFlight::try_acquire(&self.in_flight, self.max_in_flight) else {
+            // Overload: answered without a trace, so that recording adds no work; counted.
+            self.rejected.inc();
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "overloaded",
+                format!(
+                    "flowgate is handling server.max_in_flight ({}) calls; retry shortly",
+                    self.max_in_flight
+                ),
+            );
+            error.retry_after_secs = Some(1);
+            return error.into_response();
+        };
         let (parts, body) = request.into_parts();
         let mut draft = Draft::new(
             self.recorder.clone(),
@@ -76,6 +107,7 @@ impl Proxy {
             parts.uri.path(),
             fallback_run_id,
         );
+        draft.in_flight = Some(in_flight);
         match self.pipeline(&parts, body, &mut draft).await {
             Ok(response) => response,
             Err(error) => {

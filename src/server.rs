@@ -25,7 +25,7 @@ use crate::proxy::Proxy;
 use crate::recorder::{self, RecorderControl, RecorderSettings};
 use crate::response::{self, ResponseBody};
 use crate::store::{SledStore, Store};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RejectLabels};
 
 /// Admin request bodies are small JSON documents.
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
@@ -86,15 +86,26 @@ impl Gateway {
             address: config.server.listen.clone(),
             source,
         })?;
+        let in_flight_rejections = metrics
+            .rejected
+            .get_or_create(&RejectLabels {
+                reason: "in_flight",
+            })
+            .clone();
         let app = Arc::new(App {
-            proxy: Proxy::new(config, router, recorder.clone()),
+            proxy: Proxy::new(config, router, recorder.clone(), in_flight_rejections),
             admin: Admin { store, recorder },
             metrics,
             admin_token: Some(config.server.admin_token.clone()).filter(|t| !t.is_empty()),
         });
         let (stop, stopped) = watch::channel(false);
-        let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-        let accept_loop = tokio::spawn(serve(listener, app, stopped, grace, control));
+        let limits = Limits {
+            grace: Duration::from_millis(config.server.shutdown_grace_ms),
+            max_connections: config.server.max_connections,
+            max_header_bytes: config.server.max_header_bytes,
+            header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
+        };
+        let accept_loop = tokio::spawn(serve(listener, app, stopped, limits, control));
         Ok(Gateway {
             addr,
             stop,
@@ -114,11 +125,19 @@ async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     mut stopped: watch::Receiver<bool>,
-    grace: Duration,
+    limits: Limits,
     recorder: RecorderControl,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = connection_builder();
+    let builder = connection_builder(&limits);
+    let refused = app
+        .metrics
+        .rejected
+        .get_or_create(&RejectLabels {
+            reason: "connections",
+        })
+        .clone();
+    let grace = limits.grace;
     // Connection tasks, so the ones still running after the grace period can be ended (which
     // records their calls as cancelled) before the recorder stops.
     let mut connections = tokio::task::JoinSet::new();
@@ -135,6 +154,11 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                if connections.len() >= limits.max_connections {
+                    refused.inc();
+                    tokio::spawn(refuse(stream));
+                    continue;
+                }
                 let app = app.clone();
                 let service = service_fn(move |request| {
                     let app = app.clone();
@@ -168,17 +192,52 @@ async fn serve(
     recorder.shutdown().await;
 }
 
-/// HTTP/1.1 and HTTP/2 (prior knowledge or h2c) on one port. A client gets this long to send its
-/// request head; slower ones (slowloris) are disconnected.
-fn connection_builder() -> auto::Builder<TokioExecutor> {
-    const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/1.1 and HTTP/2 (prior knowledge or h2c) on one port, with the head size and head read
+/// time (no slowloris) bounded.
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
     builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// What the accept loop enforces.
+struct Limits {
+    grace: Duration,
+    max_connections: usize,
+    max_header_bytes: usize,
+    header_read_timeout: Duration,
+}
+
+/// Answers a connection over `server.max_connections` with a 503 and closes it, without reading
+/// its request: cheap enough to keep doing under overload.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "too_many_connections",
+        "flowgate has server.max_connections open connections; retry shortly",
+    )
+    .body()
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(response.as_bytes()),
+    )
+    .await;
+    let _ = stream.shutdown().await;
 }
 
 impl App {

@@ -91,6 +91,14 @@ pub struct Metrics {
     pub scores: HistogramFamily<ScoreLabels>,
     pub traces_dropped: Counter,
     pub queue_depth: Gauge,
+    /// Requests and connections turned away by a limit.
+    pub rejected: Family<RejectLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    /// `connections` or `in_flight`.
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -113,6 +121,7 @@ impl Metrics {
             scores: Family::new_with_constructor(score_buckets),
             traces_dropped: Counter::default(),
             queue_depth: Gauge::default(),
+            rejected: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -149,6 +158,11 @@ impl Metrics {
             "flowgate_cost_usd",
             "Cost in USD of priced calls",
             metrics.cost.clone(),
+        );
+        registry.register(
+            "flowgate_rejected",
+            "Connections and calls turned away by server.max_connections / max_in_flight",
+            metrics.rejected.clone(),
         );
         registry.register(
             "flowgate_score",

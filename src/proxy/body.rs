@@ -24,6 +24,31 @@ use crate::trace::{Trace, TraceError};
 /// Bytes of one unfinished SSE event the usage filter holds back at most.
 const MAX_HELD_BACK: usize = 1024 * 1024;
 
+/// One call counted against `server.max_in_flight`; released when dropped.
+pub struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    /// A place among at most `max` calls, or `None` when all are taken.
+    pub fn try_acquire(
+        counter: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        max: usize,
+    ) -> Option<InFlight> {
+        use std::sync::atomic::Ordering;
+        let previous = counter.fetch_add(1, Ordering::AcqRel);
+        if previous >= max {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(InFlight(counter.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// HTTP status recorded for calls the client abandoned before any answer (nginx's convention).
 pub const CLIENT_CLOSED: u16 = 499;
 
@@ -38,6 +63,8 @@ pub struct Draft {
     upstream_ended: Option<Instant>,
     /// Computes the run id when the call ends before routing did.
     pub run_id_fallback: fn(&Trace) -> String,
+    /// Counts this call against `server.max_in_flight` until it ends.
+    pub in_flight: Option<InFlight>,
     done: bool,
 }
 
@@ -68,6 +95,7 @@ impl Draft {
             upstream_started: None,
             upstream_ended: None,
             run_id_fallback,
+            in_flight: None,
             done: false,
         }
     }
@@ -84,6 +112,7 @@ impl Draft {
             upstream_started: None,
             upstream_ended: None,
             run_id_fallback: self.run_id_fallback,
+            in_flight: None,
             done: true,
         };
         std::mem::replace(self, shell)
@@ -112,6 +141,7 @@ impl Draft {
             return;
         }
         self.done = true;
+        self.in_flight = None;
         self.mark_upstream_end();
         let total = self.started.elapsed();
         let upstream = self

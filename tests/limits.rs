@@ -1,0 +1,141 @@
+//! Limits: oversized heads, slow heads, too many connections, too many calls in flight.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Everything the server sends until it closes the connection (or `limit` passes).
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn an_oversized_request_head_gets_431() {
+    let gateway = TestGateway::start("http://127.0.0.1:9/v1", "max_header_bytes = 16384", "").await;
+    let big = "x".repeat(32 * 1024);
+    let reply = send(
+        Method::GET,
+        &format!("{}/healthz", gateway.url),
+        &[("x-padding", big.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 431);
+    let fine = send(
+        Method::GET,
+        &format!("{}/healthz", gateway.url),
+        &[("x-padding", "small")],
+        "",
+    )
+    .await;
+    assert_eq!(fine.status, 200, "the gateway keeps serving");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_head_is_disconnected() {
+    let gateway =
+        TestGateway::start("http://127.0.0.1:9/v1", "header_read_timeout_ms = 300", "").await;
+    let mut stream = TcpStream::connect(gateway.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503_with_retry_after() {
+    let gateway = TestGateway::start("http://127.0.0.1:9/v1", "max_connections = 2", "").await;
+    let address = gateway.url.trim_start_matches("http://").to_owned();
+    let _first = TcpStream::connect(&address).await.unwrap();
+    let _second = TcpStream::connect(&address).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(&address).await.unwrap();
+    let answer = read_until_closed(&mut third, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    drop((_first, _second));
+    let metrics = eventually(Duration::from_secs(5), async || {
+        let reply = send(Method::GET, &format!("{}/metrics", gateway.url), &[], "").await;
+        Some(reply.text())
+            .filter(|t| t.contains(r#"flowgate_rejected_total{reason="connections"} 1"#))
+    })
+    .await;
+    assert!(metrics.contains("flowgate_rejected_total"));
+}
+
+#[tokio::test]
+async fn calls_over_the_in_flight_limit_get_503_and_are_counted() {
+    let upstream = Upstream::start(|_| Reply::Hang).await;
+    let gateway = TestGateway::start(&upstream.base_url(), "max_in_flight = 1", "").await;
+    let url = format!("{}/v1/chat/completions", gateway.url);
+    let body = json!({"model": "gpt-4o-mini", "messages": []}).to_string();
+    let hanging = tokio::spawn({
+        let (url, body) = (url.clone(), body.clone());
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[("content-type", "application/json")],
+                &body,
+            )
+            .await
+        }
+    });
+    eventually(Duration::from_secs(5), async || {
+        (!upstream.requests().is_empty()).then_some(())
+    })
+    .await;
+    let refused = send(
+        Method::POST,
+        &url,
+        &[("content-type", "application/json")],
+        &body,
+    )
+    .await;
+    refused.assert_error(503, "overloaded");
+    assert_eq!(refused.header("retry-after"), "1");
+    let metrics = send(Method::GET, &format!("{}/metrics", gateway.url), &[], "")
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"flowgate_rejected_total{reason="in_flight"} 1"#),
+        "{metrics}"
+    );
+    hanging.abort();
+    // The place is given back when the call ends.
+    let freed = eventually(Duration::from_secs(5), async || {
+        let mock_call = json!({"model": "mock/gpt-4o-mini", "messages": []}).to_string();
+        let reply = send(
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            &mock_call,
+        )
+        .await;
+        (reply.status != 503).then_some(reply.status)
+    })
+    .await;
+    assert_eq!(freed, 200);
+}
