@@ -189,6 +189,9 @@ pub fn spawn(
     pricing: Pricing,
     settings: RecorderSettings,
 ) -> Result<(RecorderHandle, RecorderControl), StoreError> {
+    if !store.open_session()? {
+        recompute_aggregates(store.as_ref())?;
+    }
     let (traces_tx, traces_rx) = mpsc::channel(settings.queue_capacity);
     let (tx, rx) = mpsc::channel(64);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -295,6 +298,10 @@ impl Recorder {
                     self.drain(&mut traces);
                     if last_flush.elapsed() >= self.settings.flush_interval {
                         self.flush();
+                        // Durable, not just written: a crash loses at most one interval.
+                        if let Err(err) = self.store.flush() {
+                            tracing::error!(%err, "could not flush the store");
+                        }
                         last_flush = tokio::time::Instant::now();
                     }
                 }
@@ -326,7 +333,7 @@ impl Recorder {
 
     fn close(&mut self) {
         self.flush();
-        if let Err(err) = self.store.flush() {
+        if let Err(err) = self.store.close_session() {
             tracing::error!(%err, "could not flush the store at shutdown");
         }
     }
@@ -560,6 +567,42 @@ impl Recorder {
             run_id: trace.run_id,
         })
     }
+}
+
+/// After a crash, runs and experiments may lag the traces that reached disk: rebuild them from
+/// the traces, which are the record of truth.
+fn recompute_aggregates(store: &dyn Store) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let mut runs: HashMap<String, Run> = HashMap::new();
+    let mut experiments: HashMap<String, Experiment> = HashMap::new();
+    let mut count = 0u64;
+    store.for_each_trace(&mut |trace| {
+        count += 1;
+        let new_run = !runs.contains_key(&trace.run_id);
+        match runs.get_mut(&trace.run_id) {
+            Some(run) => run.observe(&trace),
+            None => {
+                runs.insert(trace.run_id.clone(), Run::from_first(&trace));
+            }
+        }
+        match experiments.get_mut(&trace.experiment) {
+            Some(experiment) => experiment.observe(&trace, new_run),
+            None => {
+                experiments.insert(trace.experiment.clone(), Experiment::from_first(&trace));
+            }
+        }
+    })?;
+    let runs: Vec<Run> = runs.into_values().collect();
+    let experiments: Vec<Experiment> = experiments.into_values().collect();
+    store.replace_aggregates(&runs, &experiments)?;
+    store.flush()?;
+    tracing::warn!(
+        traces = count,
+        runs = runs.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "the store was not closed cleanly: run aggregates recomputed from the stored traces"
+    );
+    Ok(())
 }
 
 fn evict_oldest<V>(map: &mut HashMap<String, V>, last_active: impl Fn(&V) -> u64) {

@@ -63,6 +63,19 @@ pub trait Store: Send + Sync {
     fn experiments(&self) -> Result<Vec<Experiment>, StoreError>;
     /// Makes everything applied so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Marks the store in use; returns whether the previous user closed it cleanly (if not, run
+    /// aggregates may lag the traces and should be recomputed).
+    fn open_session(&self) -> Result<bool, StoreError>;
+    /// Marks a clean close (after a final flush).
+    fn close_session(&self) -> Result<(), StoreError>;
+    /// Calls `visit` with every stored trace, oldest first.
+    fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError>;
+    /// Replaces all run and experiment aggregates (after recomputing them from the traces).
+    fn replace_aggregates(
+        &self,
+        runs: &[Run],
+        experiments: &[Experiment],
+    ) -> Result<(), StoreError>;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -34,6 +34,8 @@ use crate::trace::{Trace, TraceSummary};
 /// The on-disk layout version; a database with a newer one is refused, not misread.
 pub const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
+/// 1 after a clean close, 0 while in use: a 0 at start means the last run crashed.
+const CLEAN_KEY: &[u8] = b"clean_shutdown";
 /// Leads every stored value, so the value encoding can change without a schema migration.
 const CODEC_VERSION: u8 = 1;
 const TRACE_KEY_LEN: usize = 16;
@@ -338,6 +340,51 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    fn open_session(&self) -> Result<bool, StoreError> {
+        let meta = self.db.open_tree("meta")?;
+        // A new database has nothing to recompute: count it as clean.
+        let clean = match meta.get(CLEAN_KEY)? {
+            Some(flag) => flag.as_ref() == [1],
+            None => self.traces.is_empty(),
+        };
+        meta.insert(CLEAN_KEY, &[0])?;
+        self.db.flush()?;
+        Ok(clean)
+    }
+
+    fn close_session(&self) -> Result<(), StoreError> {
+        self.db.open_tree("meta")?.insert(CLEAN_KEY, &[1])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError> {
+        for entry in self.traces.iter() {
+            let (key, value) = entry?;
+            match decode_trace(&key, &value) {
+                Ok(trace) => visit(trace),
+                Err(err) => tracing::warn!(%err, "skipping an unreadable trace"),
+            }
+        }
+        Ok(())
+    }
+
+    fn replace_aggregates(
+        &self,
+        runs: &[Run],
+        experiments: &[Experiment],
+    ) -> Result<(), StoreError> {
+        self.runs.clear()?;
+        self.experiment_runs.clear()?;
+        self.experiments.clear()?;
+        let batch = Batch {
+            traces: Vec::new(),
+            runs: runs.to_vec(),
+            experiments: experiments.to_vec(),
+        };
+        self.apply(&batch)
     }
 }
 

@@ -1,0 +1,262 @@
+//! The process as an operator sees it: SIGTERM lets a stream finish and stores its trace; after
+//! `kill -9` under load, a restart finds every trace that was flushed and aggregates that agree.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::Method;
+use serde_json::{json, Value};
+
+struct Process {
+    child: Child,
+    url: String,
+    log: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `flowgate serve` on a fresh port with the store in `dir`.
+async fn start(dir: &Path, upstream: &str) -> Process {
+    let port = free_port();
+    let config = dir.join("flowgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace_ms = 10000
+
+[storage]
+path = "{store}"
+flush_interval_ms = 100
+
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "{upstream}"
+models = ["gpt-*"]
+
+[[providers]]
+name = "mock"
+kind = "mock"
+models = ["mock/*"]
+"#,
+            store = dir.join("flowgate.sled").display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join(format!("flowgate-{port}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let health = format!("{url}/healthz");
+    eventually(Duration::from_secs(30), async || {
+        let ok = client()
+            .request(request(Method::GET, &health, &[], ""))
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        ok.then_some(())
+    })
+    .await;
+    Process {
+        child,
+        url,
+        log: log_path,
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the gateway did not exit within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_stream_finish_stores_its_trace_and_exits_0() {
+    let upstream = Upstream::start(|_| {
+        let mut events: Vec<(Duration, String)> = (0..5)
+            .map(|i| (Duration::from_millis(150), chunk(&format!("w{i} "))))
+            .collect();
+        events.push((Duration::ZERO, DONE.to_owned()));
+        Reply::Sse(events)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway = start(dir.path(), &upstream.base_url()).await;
+    let response = open(
+        Method::POST,
+        &format!("{}/v1/chat/completions", gateway.url),
+        &[("content-type", "application/json")],
+        &json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string(),
+    )
+    .await;
+    let trace_id = response.headers()["x-flowgate-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut body = response.into_body();
+    let mut received =
+        String::from_utf8_lossy(&next_data(&mut body, Duration::from_secs(5)).await.unwrap())
+            .into_owned();
+
+    signal(&gateway.child, "-TERM");
+    while let Some(data) = next_data(&mut body, Duration::from_secs(5)).await {
+        received.push_str(&String::from_utf8_lossy(&data));
+    }
+    assert!(
+        received.contains("w4") && received.contains("[DONE]"),
+        "the stream completes: {received}"
+    );
+    let status = wait_exit(&mut gateway.child, Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+
+    let mut restarted = start(dir.path(), &upstream.base_url()).await;
+    let log = std::fs::read_to_string(&restarted.log).unwrap();
+    assert!(
+        !log.contains("recomputed"),
+        "a clean stop needs no recompute: {log}"
+    );
+    let trace = send(
+        Method::GET,
+        &format!("{}/api/v1/traces/{trace_id}", restarted.url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(trace.status, 200, "{}", trace.text());
+    let trace = trace.json();
+    assert_eq!(trace["status"], 200);
+    assert_eq!(trace["error"], Value::Null, "{trace}");
+    assert_eq!(trace["response_body"]["content"], "w0 w1 w2 w3 w4 ");
+    signal(&restarted.child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut restarted.child, Duration::from_secs(15))
+            .await
+            .code(),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway = start(dir.path(), "http://127.0.0.1:9/v1").await;
+    let url = format!("{}/v1/chat/completions", gateway.url);
+    // Four workers call in a loop, each remembering its completed calls with their finish time.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let url = url.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let body = json!({"model": "mock/gpt-4o-mini", "messages": [{"role": "user", "content": format!("w{worker} q{i}")}]});
+                let headers = [("content-type", "application/json"), ("x-flowgate-experiment", "crash"), ("x-flowgate-prompt-version", if i % 2 == 0 { "a" } else { "b" })];
+                // The kill cuts calls off: an error ends this worker, it does not fail the test.
+                let call = client().request(request(Method::POST, &url, &headers, body.to_string()));
+                match tokio::time::timeout(Duration::from_secs(2), call).await {
+                    Ok(Ok(reply)) if reply.status() == 200 => {
+                        let id = reply.headers()["x-flowgate-trace-id"].to_str().unwrap().to_owned();
+                        use http_body_util::BodyExt;
+                        if reply.into_body().collect().await.is_err() {
+                            break;
+                        }
+                        done.push((id, Instant::now()));
+                    }
+                    _ => break,
+                }
+                i += 1;
+            }
+            done
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    signal(&gateway.child, "-KILL");
+    let killed_at = Instant::now();
+    let _ = wait_exit(&mut gateway.child, Duration::from_secs(10)).await;
+    let mut completed = Vec::new();
+    for worker in workers {
+        completed.extend(worker.await.unwrap());
+    }
+    assert!(completed.len() > 50, "some load ran: {}", completed.len());
+
+    let mut restarted = start(dir.path(), "http://127.0.0.1:9/v1").await;
+    let log = std::fs::read_to_string(&restarted.log).unwrap();
+    assert!(
+        log.contains("recomputed"),
+        "an unclean stop makes the next start recompute the runs: {log}"
+    );
+    let admin = |path: String| {
+        let url = format!("{}{path}", restarted.url);
+        async move { send(Method::GET, &url, &[], "").await }
+    };
+    // flush_interval_ms = 100: anything finished 500 ms before the kill was flushed.
+    let must_survive: Vec<&String> = completed
+        .iter()
+        .filter(|(_, at)| killed_at.duration_since(*at) > Duration::from_millis(500))
+        .map(|(id, _)| id)
+        .collect();
+    assert!(!must_survive.is_empty());
+    for id in &must_survive {
+        let reply = admin(format!("/api/v1/traces/{id}")).await;
+        assert_eq!(
+            reply.status, 200,
+            "trace {id} finished well before the kill and was lost"
+        );
+    }
+    let runs = admin("/api/v1/runs?experiment=crash".into()).await.json();
+    let mut total = 0;
+    for run in runs["runs"].as_array().unwrap() {
+        let id = run["id"].as_str().unwrap();
+        let listed = admin(format!("/api/v1/traces?run={id}&limit=1000"))
+            .await
+            .json();
+        let stored = listed["traces"].as_array().unwrap().len();
+        assert_eq!(
+            run["metrics"]["requests"], stored,
+            "run {id} agrees with its stored traces"
+        );
+        total += stored;
+    }
+    assert!(total >= must_survive.len());
+    signal(&restarted.child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut restarted.child, Duration::from_secs(15))
+            .await
+            .code(),
+        Some(0)
+    );
+}
