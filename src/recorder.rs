@@ -396,6 +396,7 @@ impl Recorder {
             trace.cost_usd = self.pricing.cost(provider, &model, tokens);
         }
         explain_error(&mut trace, &answer);
+        record_parse_failure(&mut trace, &event, &answer);
         if self.settings.capture == Capture::Full {
             let limit = self.settings.max_capture_bytes;
             trace.request_body = Some(Captured::of_bytes(&event.request_body, limit));
@@ -645,6 +646,40 @@ fn explain_error(trace: &mut Trace, answer: &usage::Answer) {
             });
         }
         _ => {}
+    }
+}
+
+/// A model answer the gateway could not read (not JSON, or SSE events that are not) is passed
+/// to the client as it came, and the trace says so.
+fn record_parse_failure(trace: &mut Trace, event: &TraceEvent, answer: &usage::Answer) {
+    let answered = (200..300).contains(&trace.status);
+    if trace.error.is_some()
+        || !answered
+        || !event.endpoint.takes_model()
+        || event.response.is_empty()
+    {
+        return;
+    }
+    let failure = if event.response_is_sse {
+        (answer.unparsed_events > 0).then(|| {
+            (
+                "upstream_invalid_sse",
+                format!("{} stream events were not JSON", answer.unparsed_events),
+            )
+        })
+    } else {
+        (!answer.is_json && !event.response_cut).then(|| {
+            (
+                "upstream_invalid_json",
+                "the answer was not valid JSON".to_owned(),
+            )
+        })
+    };
+    if let Some((class, message)) = failure {
+        trace.error = Some(TraceError {
+            class: class.into(),
+            message,
+        });
     }
 }
 

@@ -61,6 +61,8 @@ pub struct Answer {
     pub is_json: bool,
     /// `error.message` of an error body, or of an error event in a stream.
     pub error_message: Option<String>,
+    /// Stream events whose data was neither JSON nor `[DONE]`.
+    pub unparsed_events: u32,
 }
 
 /// The parts of a JSON answer the recorder needs; everything else is skipped unallocated.
@@ -110,6 +112,7 @@ pub fn from_json(endpoint: Endpoint, body: &[u8]) -> Answer {
         first_content_us: None,
         is_json: true,
         error_message: head.error.and_then(ErrorBody::message),
+        unparsed_events: 0,
     }
 }
 
@@ -199,6 +202,7 @@ fn read_event(endpoint: Endpoint, raw: &[u8], answer: &mut Answer) {
         return;
     }
     let Ok(parsed) = serde_json::from_str::<StreamEvent>(&event.data) else {
+        answer.unparsed_events += 1;
         return;
     };
     if let Some(message) = parsed.error.and_then(ErrorBody::message) {

@@ -27,6 +27,11 @@ fn free_port() -> u16 {
 
 /// Starts `flowgate serve` on a fresh port with the store in `dir`.
 async fn start(dir: &Path, upstream: &str) -> Process {
+    start_with(dir, upstream, "", &[]).await
+}
+
+/// As [`start`], with more config and environment variables.
+async fn start_with(dir: &Path, upstream: &str, extra: &str, env: &[(&str, &str)]) -> Process {
     let port = free_port();
     let config = dir.join("flowgate.toml");
     std::fs::write(
@@ -51,6 +56,8 @@ models = ["gpt-*"]
 name = "mock"
 kind = "mock"
 models = ["mock/*"]
+
+{extra}
 "#,
             store = dir.join("flowgate.sled").display()
         ),
@@ -60,6 +67,7 @@ models = ["mock/*"]
     let log = std::fs::File::create(&log_path).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
         .args(["serve", "--config", config.to_str().unwrap()])
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -259,4 +267,101 @@ async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
             .code(),
         Some(0)
     );
+}
+
+/// Every byte under `dir`, file by file.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn keys_never_reach_the_store_or_the_logs() {
+    const PROVIDER_KEY: &str = "sk-provider-SECRET-4417";
+    const CLIENT_KEY: &str = "sk-client-SECRET-8802";
+    const HEADER_KEY: &str = "sk-header-SECRET-1290";
+    let upstream = Upstream::start(|seen| {
+        if seen.json()["model"] == "gpt-denied" {
+            Reply::Json(401, json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}}))
+        } else if seen.json()["stream"] == true {
+            Reply::Sse(streamed_answer(&["ok"], asked_for_usage(seen)).into_iter().map(|e| (Duration::ZERO, e)).collect())
+        } else {
+            Reply::Json(200, chat_completion("ok", 3, 1))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[[providers]]\nname = \"keyed\"\nkind = \"openai\"\nbase_url = \"{}\"\napi_key = \"{PROVIDER_KEY}\"\nmodels = [\"keyed-*\"]",
+        upstream.base_url()
+    );
+    let mut gateway = start_with(
+        dir.path(),
+        &upstream.base_url(),
+        &extra,
+        &[("FLOWGATE_LOG", "trace")],
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", gateway.url);
+    let bearer = format!("Bearer {CLIENT_KEY}");
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", bearer.as_str()),
+        ("x-api-key", HEADER_KEY),
+        ("api-key", HEADER_KEY),
+    ];
+    for (model, stream) in [
+        ("gpt-4o-mini", false),
+        ("gpt-4o-mini", true),
+        ("keyed-model", false),
+        ("gpt-denied", false),
+        ("nope", false),
+    ] {
+        let body = json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+        send(Method::POST, &url, &headers, &body.to_string()).await;
+    }
+    let keyed = upstream
+        .requests()
+        .into_iter()
+        .find(|r| r.json()["model"] == "keyed-model")
+        .unwrap();
+    assert_eq!(
+        keyed.headers["authorization"],
+        format!("Bearer {PROVIDER_KEY}").as_str(),
+        "the provider key is used upstream"
+    );
+    signal(&gateway.child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut gateway.child, Duration::from_secs(15))
+            .await
+            .code(),
+        Some(0)
+    );
+
+    let files = files_under(dir.path());
+    assert!(
+        files
+            .iter()
+            .any(|(p, _)| p.to_string_lossy().contains("flowgate.sled")),
+        "the store was written"
+    );
+    let log = std::fs::read_to_string(&gateway.log).unwrap();
+    assert!(log.len() > 100, "the log has content to scan: {log}");
+    for (path, bytes) in &files {
+        if path.ends_with("flowgate.toml") {
+            continue; // the operator's own config holds the provider key
+        }
+        for secret in [PROVIDER_KEY, CLIENT_KEY, HEADER_KEY] {
+            let found = bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+            assert!(!found, "{secret} found in {}", path.display());
+        }
+    }
 }
