@@ -6,10 +6,12 @@ mod common;
 use common::*;
 use serde_json::json;
 
+/// (what, the upstream's reply, the error class the trace must show)
+type Case = (&'static str, fn() -> Reply, &'static str);
+
 #[tokio::test]
 async fn unreadable_upstream_answers_pass_through_and_are_recorded() {
-    // (what, reply, error class the trace must show)
-    let cases: Vec<(&str, fn() -> Reply, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "not JSON",
             || Reply::Raw {
