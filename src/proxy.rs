@@ -111,6 +111,12 @@ impl Proxy {
         match self.pipeline(&parts, body, &mut draft).await {
             Ok(response) => response,
             Err(error) => {
+                // Client mistakes are routine (debug); the gateway's or upstream's failures are not.
+                if error.status.is_server_error() {
+                    tracing::warn!(trace_id = %draft.trace.id, status = error.status.as_u16(), code = error.code, message = %error.message, "call failed");
+                } else {
+                    tracing::debug!(trace_id = %draft.trace.id, status = error.status.as_u16(), code = error.code, "call rejected");
+                }
                 draft.trace.status = error.status.as_u16();
                 draft.fail(error.class(), error.message.clone());
                 let mut response = error.into_response();

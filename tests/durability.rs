@@ -365,3 +365,30 @@ async fn keys_never_reach_the_store_or_the_logs() {
         }
     }
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_trace_id_of_a_failed_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = format!("http://127.0.0.1:{}/v1", free_port());
+    let mut gateway = start_with(dir.path(), &closed, "", &[("FLOWGATE_LOG_FORMAT", "json")]).await;
+    let reply = send(
+        Method::POST,
+        &format!("{}/v1/chat/completions", gateway.url),
+        &[("content-type", "application/json")],
+        &json!({"model": "gpt-4o-mini", "messages": []}).to_string(),
+    )
+    .await;
+    assert_eq!(reply.status, 502);
+    let trace_id = reply.header("x-flowgate-trace-id").to_owned();
+    signal(&gateway.child, "-TERM");
+    wait_exit(&mut gateway.child, Duration::from_secs(15)).await;
+    let log = std::fs::read_to_string(&gateway.log).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&trace_id))
+        .unwrap_or_else(|| panic!("no log line names {trace_id}: {log}"));
+    let entry: Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(entry["fields"]["trace_id"], trace_id.as_str(), "{entry}");
+    assert_eq!(entry["fields"]["code"], "upstream_unreachable", "{entry}");
+}

@@ -276,12 +276,17 @@ impl MeteredBody {
     }
 
     /// Ends a broken stream: SSE clients get an OpenAI-shaped error event, others a body error.
+    fn log_break(&self, class: &str, message: &str) {
+        tracing::warn!(trace_id = %self.draft.trace.id, class, message, "answer broken off");
+    }
+
     fn break_off(
         &mut self,
         class: &str,
         code: &str,
         message: String,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.log_break(class, &message);
         self.draft.mark_upstream_end();
         self.draft.fail(class, message.clone());
         if self.captured.sse {
