@@ -86,6 +86,11 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Time a client gets to send its request head; slower ones (slowloris) are disconnected.
     pub header_read_timeout_ms: u64,
+    /// PEM certificate chain and private key: with both, the listener speaks TLS (h2, http/1.1).
+    #[serde(deserialize_with = "expanded_opt_path")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(deserialize_with = "expanded_opt_path")]
+    pub tls_key: Option<PathBuf>,
     /// Open client connections at most; further ones get 503 with `retry-after`.
     pub max_connections: usize,
     /// Calls in progress (streams until their last byte) at most; further ones get 503.
@@ -103,6 +108,8 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 30_000,
             max_header_bytes: 64 * 1024,
             header_read_timeout_ms: 30_000,
+            tls_cert: None,
+            tls_key: None,
             max_connections: 10_000,
             max_in_flight: 4096,
         }
@@ -336,6 +343,22 @@ impl Config {
             return Err(self.invalid(format!(
                 "server.max_header_bytes must be at least {MIN_HEADER_BYTES} (the HTTP library's floor)"
             )));
+        }
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("tls_cert", cert), ("tls_key", key)] {
+                    if !path.is_file() {
+                        return Err(self
+                            .invalid(format!("server.{name}: {} does not exist", path.display())));
+                    }
+                }
+            }
+            _ => {
+                return Err(self.invalid(
+                    "server.tls_cert and server.tls_key go together: set both or neither".into(),
+                ))
+            }
         }
         if self.server.max_connections == 0 || self.server.max_in_flight == 0 {
             return Err(self.invalid(

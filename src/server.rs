@@ -38,6 +38,8 @@ pub enum StartError {
     Provider(#[from] crate::providers::BuildError),
     #[error(transparent)]
     Pricing(#[from] crate::metering::PricingError),
+    #[error("cannot set up TLS on the listener: {0}")]
+    Tls(String),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: String,
@@ -99,7 +101,12 @@ impl Gateway {
             admin_token: Some(config.server.admin_token.clone()).filter(|t| !t.is_empty()),
         });
         let (stop, stopped) = watch::channel(false);
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
         let limits = Limits {
+            tls,
             grace: Duration::from_millis(config.server.shutdown_grace_ms),
             max_connections: config.server.max_connections,
             max_header_bytes: config.server.max_header_bytes,
@@ -164,13 +171,32 @@ async fn serve(
                     let app = app.clone();
                     async move { Ok::<_, Infallible>(app.route(request, peer).await) }
                 });
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                connections.spawn(async move {
-                    if let Err(err) = connection.await {
-                        tracing::debug!(%err, %peer, "connection ended with an error");
+                match limits.tls.clone() {
+                    None => {
+                        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                        connections.spawn(async move {
+                            if let Err(err) = connection.await {
+                                tracing::debug!(%err, %peer, "connection ended with an error");
+                            }
+                        });
                     }
-                });
+                    Some(acceptor) => {
+                        // The handshake runs in the connection's task, bounded like a request head.
+                        let (builder, watcher) = (builder.clone(), graceful.watcher());
+                        let handshake_limit = limits.header_read_timeout;
+                        connections.spawn(async move {
+                            let stream = match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(err)) => return tracing::debug!(%err, %peer, "TLS handshake failed"),
+                                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                            };
+                            let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                            if let Err(err) = connection.await {
+                                tracing::debug!(%err, %peer, "connection ended with an error");
+                            }
+                        });
+                    }
+                }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             _ = stopped.changed() => break,
@@ -210,10 +236,48 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 
 /// What the accept loop enforces.
 struct Limits {
+    /// TLS on the listener, when configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     grace: Duration,
     max_connections: usize,
     max_header_bytes: usize,
     header_read_timeout: Duration,
+}
+
+/// A rustls acceptor for the listener: the certificate chain and key from PEM files, ALPN offering
+/// HTTP/2 then HTTP/1.1.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| StartError::Tls(format!("server.tls_cert {}: {err}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(StartError::Tls(format!(
+            "server.tls_cert {}: no PEM certificate in it",
+            cert.display()
+        )));
+    }
+    let private_key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|err| StartError::Tls(format!("server.tls_key {}: {err}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| StartError::Tls(err.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .map_err(|err| {
+            StartError::Tls(format!(
+                "{} and {} do not make a usable pair: {err}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Answers a connection over `server.max_connections` with a 503 and closes it, without reading

@@ -124,3 +124,121 @@ async fn an_https_upstream_signed_by_a_private_ca_is_reached_through_ca_file() {
     let trace = gateway.trace(refused.header("x-flowgate-trace-id")).await;
     assert_eq!(trace["error"]["class"], "upstream_tls");
 }
+
+/// A client that trusts `ca_pem`, speaking HTTP/2 when `h2` else HTTP/1.1.
+fn tls_client(
+    ca_pem: &str,
+    h2: bool,
+) -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if h2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+#[tokio::test]
+async fn the_listener_speaks_tls_with_alpn_h2_and_http1() {
+    let pki = pki_files();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        dir.path().join("gateway.pem"),
+        dir.path().join("gateway-key.pem"),
+    );
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let server = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let upstream = Upstream::start(answer).await;
+    let gateway = TestGateway::start(&upstream.base_url(), &server, "").await;
+    let port = gateway.url.rsplit(':').next().unwrap().to_owned();
+    let url = format!("https://localhost:{port}/v1/chat/completions");
+    for h2 in [false, true] {
+        let client = tls_client(&pki.ca_pem, h2);
+        let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+        let response = client
+            .request(request(
+                http::Method::POST,
+                &url,
+                &[("content-type", "application/json")],
+                body,
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("h2={h2}: {e:?}"));
+        assert_eq!(response.status(), 200);
+        let expected = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert_eq!(response.version(), expected);
+    }
+
+    // A certificate whose key does not match fails at start with a message naming both files.
+    let other = pki_files();
+    std::fs::write(&key, &other.key_pem).unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[storage]\npath = \"{}\"\n",
+        dir.path().join("db").display()
+    );
+    let mut config =
+        flowgate::config::Config::from_toml(&text, flowgate::config::Source::BuiltIn).unwrap();
+    config.validate().unwrap();
+    let Err(err) = flowgate::server::Gateway::start(&config).await else {
+        panic!("a mismatched key must not start")
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains("gateway.pem") && message.contains("gateway-key.pem"),
+        "{message}"
+    );
+}
+
+struct PkiFiles {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn pki_files() -> PkiFiles {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "flowgate listener test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    PkiFiles {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
