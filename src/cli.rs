@@ -63,6 +63,24 @@ pub enum Command {
         #[command(subcommand)]
         command: ExperimentsCommand,
     },
+    /// The embedded store, offline (stop the gateway first).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Open the store, read every record, and report what it holds and what it cannot read.
+    Check {
+        /// The store; default: `storage.path` of the config.
+        #[arg(long, value_name = "PATH")]
+        path: Option<PathBuf>,
+        /// Config file, to find the store; resolved like `serve --config`.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +206,7 @@ pub async fn run_client(command: &Command) -> Result<(), CliError> {
     match command {
         Command::Serve { .. } => Err(CliError::NotAClientCommand("serve")),
         Command::CheckConfig { .. } => Err(CliError::NotAClientCommand("check-config")),
+        Command::Store { .. } => Err(CliError::NotAClientCommand("store")),
         Command::Runs { command } => runs_command(command).await,
         Command::Traces { command } => traces_command(command).await,
         Command::Experiments { command } => experiments_command(command).await,

@@ -2,7 +2,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use flowgate::cli::{self, Cli, Command};
+use flowgate::cli::{self, Cli, Command, StoreCommand};
 use flowgate::config::Config;
 use flowgate::providers::Router;
 use flowgate::server::Gateway;
@@ -30,6 +30,9 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Serve { config } => runtime.block_on(serve(config.as_deref())),
         Command::CheckConfig { config } => check_config(config.as_deref()),
+        Command::Store {
+            command: StoreCommand::Check { path, config },
+        } => store_check(path.as_deref(), config.as_deref()),
         read => runtime
             .block_on(cli::run_client(read))
             .map_err(|err| err.to_string()),
@@ -100,5 +103,44 @@ fn check_config(config_path: Option<&Path>) -> Result<(), String> {
     println!("prices: {} models", pricing.len());
     println!("\nrouting (first match wins; provider/model picks a provider explicitly):");
     print!("{}", router.describe());
+    Ok(())
+}
+
+/// `flowgate store check`: opens the store as the gateway would and reads every record.
+fn store_check(path: Option<&Path>, config_path: Option<&Path>) -> Result<(), String> {
+    use flowgate::store::{SledStore, Store};
+    let path = match path {
+        Some(path) => path.to_path_buf(),
+        None => {
+            Config::load(config_path)
+                .map_err(|err| err.to_string())?
+                .storage
+                .path
+        }
+    };
+    if !path.exists() {
+        return Err(format!("no store at {}", path.display()));
+    }
+    let store = SledStore::open(&path, 16 * 1024 * 1024).map_err(|err| err.to_string())?;
+    let mut traces = 0u64;
+    store
+        .for_each_trace(&mut |_| traces += 1)
+        .map_err(|err| err.to_string())?;
+    let runs = store.runs(None).map_err(|err| format!("runs: {err}"))?;
+    let experiments = store
+        .experiments()
+        .map_err(|err| format!("experiments: {err}"))?;
+    let clean = store.closed_cleanly().map_err(|err| err.to_string())?;
+    println!("store:       {}", path.display());
+    println!("traces:      {traces}");
+    println!("runs:        {}", runs.len());
+    println!("experiments: {}", experiments.len());
+    if clean {
+        println!("last close:  clean");
+    } else {
+        println!(
+            "last close:  not clean; the next `flowgate serve` recomputes runs from the traces"
+        );
+    }
     Ok(())
 }

@@ -66,6 +66,8 @@ pub trait Store: Send + Sync {
     /// Marks the store in use; returns whether the previous user closed it cleanly (if not, run
     /// aggregates may lag the traces and should be recomputed).
     fn open_session(&self) -> Result<bool, StoreError>;
+    /// Whether the last user closed the store cleanly, without changing anything.
+    fn closed_cleanly(&self) -> Result<bool, StoreError>;
     /// Marks a clean close (after a final flush).
     fn close_session(&self) -> Result<(), StoreError>;
     /// Calls `visit` with every stored trace, oldest first.
@@ -82,8 +84,8 @@ pub trait Store: Send + Sync {
 pub enum StoreError {
     #[error(
         "could not open the database at {path}: {source}. If another flowgate is using it, stop \
-         that one first; if it is damaged, move it aside (mv {path} {path}.broken) and start \
-         again with an empty one"
+         that one first; `flowgate store check --path {path}` reports what it holds; if it is \
+         damaged, move it aside (mv {path} {path}.broken) and start again with an empty one"
     )]
     Open {
         path: PathBuf,

@@ -221,7 +221,37 @@ async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
     }
     assert!(completed.len() > 50, "some load ran: {}", completed.len());
 
+    let store = dir.path().join("flowgate.sled");
+    let check = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["store", "check", "--path", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        report.contains("not clean"),
+        "store check tells of the crash: {report}"
+    );
+
     let mut restarted = start(dir.path(), "http://127.0.0.1:9/v1").await;
+    // While a gateway holds the store, a second one fails with a message naming the path and
+    // what to do, not a panic.
+    let second = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["store", "check", "--path", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(store.to_str().unwrap())
+            && stderr.contains("move it aside")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
     let log = std::fs::read_to_string(&restarted.log).unwrap();
     assert!(
         log.contains("recomputed"),

@@ -342,14 +342,17 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn open_session(&self) -> Result<bool, StoreError> {
-        let meta = self.db.open_tree("meta")?;
+    fn closed_cleanly(&self) -> Result<bool, StoreError> {
         // A new database has nothing to recompute: count it as clean.
-        let clean = match meta.get(CLEAN_KEY)? {
+        Ok(match self.db.open_tree("meta")?.get(CLEAN_KEY)? {
             Some(flag) => flag.as_ref() == [1],
             None => self.traces.is_empty(),
-        };
-        meta.insert(CLEAN_KEY, &[0])?;
+        })
+    }
+
+    fn open_session(&self) -> Result<bool, StoreError> {
+        let clean = self.closed_cleanly()?;
+        self.db.open_tree("meta")?.insert(CLEAN_KEY, &[0])?;
         self.db.flush()?;
         Ok(clean)
     }

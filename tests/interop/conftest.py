@@ -144,3 +144,112 @@ def client(gateway: Gateway) -> openai.OpenAI:
     # No retries: a retried call would hide a gateway error and double the recorded requests.
     return openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="sk-interop-test", max_retries=0, timeout=30)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# A gateway per test, with its own config (other providers, TLS): see test_faults_sdk.py.
+
+MOCK_PROVIDER = """\
+[[providers]]
+name = "mock"
+kind = "mock"
+models = ["mock/*"]
+"""
+
+
+@dataclass
+class CustomGateway(Gateway):
+    """A gateway started by `start_gateway`; `ssl_context` trusts its certificate when it speaks TLS."""
+
+    ssl_context: Any = None
+
+    def get_json(self, path: str) -> tuple[int, Any]:
+        request = urllib.request.Request(self.base_url + path, headers={"Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=self.ssl_context) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            body = err.read()
+            try:
+                return err.code, json.loads(body)
+            except ValueError:
+                return err.code, None
+
+
+def wait_until_healthy_with(gateway: CustomGateway) -> None:
+    """`wait_until_healthy` for any scheme: over https the health check trusts `ssl_context`."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last_error: Any = None
+    while time.monotonic() < deadline:
+        if gateway.process.poll() is not None:
+            pytest.fail(
+                f"flowgate exited with code {gateway.process.returncode} during startup:\n{gateway.log()}"
+            )
+        try:
+            with urllib.request.urlopen(
+                gateway.base_url + "/healthz", timeout=1, context=gateway.ssl_context
+            ) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+            last_error = err
+        time.sleep(0.1)
+    pytest.fail(
+        f"flowgate did not answer {gateway.base_url}/healthz within {STARTUP_TIMEOUT_S:.0f} s "
+        f"(last error: {last_error!r}):\n{gateway.log()}"
+    )
+
+
+@pytest.fixture
+def start_gateway(tmp_path_factory: pytest.TempPathFactory):
+    """Starts flowgate processes with a config of the test's own; all are stopped after the test.
+
+    `start_gateway(server="...", providers="...", ssl_context=None)`: `server` is TOML added to
+    `[server]` (after `listen`), `providers` the `[[providers]]` tables (default: the mock). With
+    an `ssl_context` the gateway is reached as `https://localhost:<port>` and trusted through it.
+    """
+    if not BINARY.is_file():
+        pytest.fail(f"{BINARY} does not exist; run `cargo build` first (or set FLOWGATE_BIN)")
+    started: list[subprocess.Popen] = []
+
+    def start(server: str = "", providers: str = MOCK_PROVIDER, ssl_context: Any = None) -> CustomGateway:
+        directory = tmp_path_factory.mktemp("flowgate-custom")
+        port = free_port()
+        config = directory / "flowgate.toml"
+        config.write_text(
+            f"""\
+[server]
+listen = {toml_string(f"127.0.0.1:{port}")}
+{server}
+
+[storage]
+path = {toml_string(str(directory / "flowgate.sled"))}
+
+{providers}
+"""
+        )
+        env = {k: v for k, v in os.environ.items() if k not in OVERRIDING_ENV}
+        log_path = directory / "flowgate.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [str(BINARY), "serve", "--config", str(config)],
+                cwd=directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(process)
+        host = "localhost" if ssl_context is not None else "127.0.0.1"
+        scheme = "https" if ssl_context is not None else "http"
+        gw = CustomGateway(
+            base_url=f"{scheme}://{host}:{port}", process=process, log_path=log_path, ssl_context=ssl_context
+        )
+        wait_until_healthy_with(gw)
+        return gw
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            stop(process)
