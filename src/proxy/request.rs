@@ -114,7 +114,8 @@ impl<'a> RequestFields<'a> {
 }
 
 /// Rewrites the body for the upstream: the model name the provider knows, and a request for
-/// usage on streams. Returns the body unchanged (same `Bytes`) when neither is needed.
+/// usage on streams. Returns the body unchanged (same `Bytes`) when neither is needed. Every
+/// other member keeps its exact bytes (numbers too: they are never parsed and printed again).
 pub fn rewrite(
     body: &Bytes,
     new_model: Option<&str>,
@@ -129,31 +130,92 @@ pub fn rewrite(
             return Ok(spliced);
         }
     }
-    let mut value: Value = serde_json::from_slice(body).map_err(|err| {
+    let invalid = |err: serde_json::Error| {
         ApiError::invalid_request("invalid_json", format!("invalid JSON body: {err}"))
-    })?;
-    let Some(object) = value.as_object_mut() else {
-        return Err(ApiError::invalid_request(
-            "invalid_json",
-            "the JSON body must be an object",
-        ));
     };
-    if let Some(model) = new_model {
-        object.insert("model".into(), Value::String(model.to_owned()));
-    }
-    if ask_usage {
-        let options = object
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Some(options) = options.as_object_mut() {
-            options.insert("include_usage".into(), Value::Bool(true));
+    let members: Members = serde_json::from_slice(body).map_err(invalid)?;
+    let mut out = Vec::with_capacity(body.len() + 64);
+    out.push(b'{');
+    let mut wrote_options = false;
+    for (key, raw) in members
+        .0
+        .iter()
+        .filter(|(key, _)| key != "model" || new_model.is_none())
+    {
+        let value = if key == "stream_options" && ask_usage {
+            if wrote_options {
+                continue;
+            }
+            wrote_options = true;
+            usage_options(raw.get())
         } else {
-            *options = serde_json::json!({"include_usage": true});
-        }
+            raw.get().to_owned()
+        };
+        push_member(&mut out, key, &value);
     }
-    serde_json::to_vec(&value)
-        .map(Bytes::from)
-        .map_err(|err| ApiError::internal(err.to_string()))
+    if let Some(model) = new_model {
+        push_member(
+            &mut out,
+            "model",
+            &serde_json::to_string(model).map_err(invalid)?,
+        );
+    }
+    if ask_usage && !wrote_options {
+        push_member(&mut out, "stream_options", r#"{"include_usage":true}"#);
+    }
+    out.push(b'}');
+    Ok(Bytes::from(out))
+}
+
+fn push_member(out: &mut Vec<u8>, key: &str, value: &str) {
+    if out.len() > 1 {
+        out.push(b',');
+    }
+    // A key came from a JSON string: printing it as one again cannot fail.
+    out.extend_from_slice(serde_json::to_string(key).unwrap_or_default().as_bytes());
+    out.push(b':');
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// The client's `stream_options` with `include_usage` set (an object is kept, anything else is
+/// replaced).
+fn usage_options(raw: &str) -> String {
+    let mut options = match serde_json::from_str::<Value>(raw) {
+        Ok(Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    options.insert("include_usage".into(), Value::Bool(true));
+    Value::Object(options).to_string()
+}
+
+/// A JSON object's members in order, each value as its raw bytes.
+struct Members(Vec<(String, Box<serde_json::value::RawValue>)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Members, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(entry) =
+                    map.next_entry::<String, Box<serde_json::value::RawValue>>()?
+                {
+                    members.push(entry);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// Inserts `"stream_options":{"include_usage":true},` after the opening brace, leaving every
@@ -162,7 +224,9 @@ pub fn rewrite(
 fn splice_usage_request(body: &Bytes) -> Option<Bytes> {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
     let brace = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[brace] != b'{' {
+    let first_member = body[brace + 1..].iter().find(|b| !b.is_ascii_whitespace());
+    // An empty object would end up with a trailing comma: leave it to the general path.
+    if body[brace] != b'{' || first_member == Some(&b'}') {
         return None;
     }
     let mut out = BytesMut::with_capacity(body.len() + MEMBER.len());
@@ -248,6 +312,30 @@ mod tests {
         );
         let fixed: Value = serde_json::from_slice(&fixed).unwrap();
         assert_eq!(fixed["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn rewrites_keep_every_other_byte() {
+        // Numbers beyond f64/u64 and formatting choices survive a model rename untouched.
+        let body = Bytes::from_static(
+            br#"{"model":"p/m","n":222200360318787978797,"t":0.10,"x":1e400,"messages":[]}"#,
+        );
+        let renamed = rewrite(&body, Some("m"), false, false).unwrap();
+        let text = String::from_utf8_lossy(&renamed);
+        for kept in [
+            r#""n":222200360318787978797"#,
+            r#""t":0.10"#,
+            r#""x":1e400"#,
+            r#""model":"m""#,
+        ] {
+            assert!(text.contains(kept), "{kept} in {text}");
+        }
+        assert_eq!(text.matches("model").count(), 1, "{text}");
+        // An empty object gets a valid body.
+        let empty = rewrite(&Bytes::from_static(b" { \n}"), None, true, false).unwrap();
+        let json: Value = serde_json::from_slice(&empty).unwrap();
+        assert_eq!(json["stream_options"]["include_usage"], true);
+        assert!(rewrite(&Bytes::from_static(b"[1]"), Some("m"), false, false).is_err());
     }
 
     #[test]
