@@ -374,7 +374,8 @@ impl Proxy {
         let drop_usage_chunk = call.drop_usage_chunk && sse;
         let mut response = Response::new(response::empty());
         *response.status_mut() = upstream.status;
-        *response.headers_mut() = headers::for_client(upstream.headers, drop_usage_chunk);
+        // An SSE body is re-cut at event boundaries (and may lose a chunk): no fixed length.
+        *response.headers_mut() = headers::for_client(upstream.headers, sse);
         add_trace_headers(&mut response, &draft.trace);
         let body = MeteredBody::new(
             upstream.body,

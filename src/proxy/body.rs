@@ -243,8 +243,11 @@ pub struct MeteredBody {
     inner: ResponseBody,
     draft: Draft,
     captured: Captured,
-    /// Set when the gateway asked for stream usage the client did not ask for.
-    usage_filter: Option<EventSplitter>,
+    /// SSE answers are forwarded whole event by whole event, so a stream that breaks off never
+    /// leaves the client half an event (which SDKs would fail to parse).
+    events: Option<EventSplitter>,
+    /// The gateway asked for stream usage the client did not ask for: that chunk is dropped.
+    drop_usage_chunk: bool,
     deadline: Pin<Box<Sleep>>,
     state: State,
     /// The last byte forwarded ended an SSE event (or nothing was forwarded yet).
@@ -259,11 +262,13 @@ impl MeteredBody {
         drop_usage_chunk: bool,
         deadline: Sleep,
     ) -> MeteredBody {
+        let sse = captured.sse;
         MeteredBody {
             inner,
             draft,
             captured,
-            usage_filter: drop_usage_chunk.then(EventSplitter::default),
+            events: sse.then(EventSplitter::default),
+            drop_usage_chunk,
             deadline: Box::pin(deadline),
             state: State::Streaming,
             at_event_boundary: true,
@@ -311,22 +316,23 @@ impl MeteredBody {
         }
     }
 
-    /// Drops the usage-only chunk; whole events pass, a partial one waits for its end.
+    /// Whole events pass (but the usage chunk the gateway asked for); a partial one waits for
+    /// its end.
     fn filter(&mut self, data: &Bytes) -> Option<Bytes> {
-        let Some(splitter) = self.usage_filter.as_mut() else {
+        let Some(splitter) = self.events.as_mut() else {
             return Some(data.clone());
         };
         splitter.push(data);
         let mut out = BytesMut::new();
         while let Some(event) = splitter.next_event() {
-            if !is_usage_only_chunk(&event) {
+            if !(self.drop_usage_chunk && is_usage_only_chunk(&event)) {
                 out.extend_from_slice(&event);
             }
         }
         // Not SSE as we know it (no event ends in sight): stop holding bytes back and filtering.
         if splitter.pending() > MAX_HELD_BACK {
             out.extend_from_slice(&splitter.take_rest());
-            self.usage_filter = None;
+            self.events = None;
         }
         (!out.is_empty()).then(|| out.freeze())
     }
@@ -383,7 +389,7 @@ impl Body for MeteredBody {
                         let out = this.on_data(data);
                         // A body of known length may be dropped by the server right after its
                         // last frame, without another poll: finish now, not as "cancelled".
-                        if this.inner.is_end_stream() && this.usage_filter.is_none() {
+                        if this.inner.is_end_stream() && this.events.is_none() {
                             this.end();
                         }
                         if let Some(out) = out {
@@ -401,7 +407,7 @@ impl Body for MeteredBody {
                 }
                 Poll::Ready(None) => {
                     let rest = this
-                        .usage_filter
+                        .events
                         .as_mut()
                         .map(EventSplitter::take_rest)
                         .filter(|r| !r.is_empty());
@@ -417,7 +423,7 @@ impl Body for MeteredBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.state, &self.usage_filter) {
+        match (&self.state, &self.events) {
             (State::Streaming, None) => self.inner.size_hint(),
             _ => SizeHint::default(),
         }

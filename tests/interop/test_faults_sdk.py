@@ -2,7 +2,8 @@
 
 - An upstream that resets the connection mid-stream: the SDK raises a clean `openai.APIError`
   (from flowgate's closing SSE error event) after the content it already got, never hangs, the
-  trace records `upstream_stream`, and the gateway keeps serving.
+  trace records `upstream_stream`, and the gateway keeps serving. A reset inside an event: the
+  gateway forwards whole events only, so the half event never reaches the client.
 - flowgate's own TLS listener (`server.tls_cert` / `tls_key`, a CA made with the openssl CLI)
   reached by the SDK, streamed and not.
 
@@ -90,9 +91,11 @@ def http_chunk(data: bytes) -> bytes:
 class ResettingUpstream:
     """A raw-socket HTTP/1.1 server. `POST /v1/chat/completions` with `"stream": true` gets a
     chunked SSE answer with two chunk events, then the socket is closed with `SO_LINGER` 0 (an
-    RST, no terminating chunk). Anything else gets a 404 in OpenAI's shape."""
+    RST, no terminating chunk). With `partial_tail`, those bytes (the start of a third event) go
+    out just before the reset. Anything else gets a 404 in OpenAI's shape."""
 
-    def __init__(self) -> None:
+    def __init__(self, partial_tail: bytes = b"") -> None:
+        self.partial_tail = partial_tail
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -144,6 +147,8 @@ class ResettingUpstream:
                 for content in CHUNKS:
                     conn.sendall(http_chunk(chunk_event(content)))
                     time.sleep(0.05)
+                if self.partial_tail:
+                    conn.sendall(http_chunk(self.partial_tail))
                 # Let the gateway read (and forward) the chunks before the reset: a reset can
                 # discard data still in the receiver's buffer.
                 time.sleep(0.3)
@@ -223,13 +228,16 @@ def sdk_client(base_url: str, **kwargs: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url, api_key="sk-interop-test", max_retries=0, timeout=10, **kwargs)
 
 
-def stream_until_error(client: openai.OpenAI) -> tuple[str, list[str], Any, float]:
+def stream_until_error(client: openai.OpenAI, include_usage: bool = False) -> tuple[str, list[str], Any, float]:
     """Streams a chat completion through the resetting upstream.
 
     Returns (trace id, content received, what ended the iteration, seconds it took).
     """
     started = time.monotonic()
-    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, **extra
+    )
     trace_id = raw.headers.get("x-flowgate-trace-id")
     received: list[str] = []
     ended: Any = None
@@ -242,24 +250,31 @@ def stream_until_error(client: openai.OpenAI) -> tuple[str, list[str], Any, floa
     return trace_id, received, ended, time.monotonic() - started
 
 
-def test_upstream_reset_mid_stream_ends_with_a_clean_sdk_error(start_gateway, resetting_upstream):
-    gateway = start_gateway(
+def gateway_before(start_gateway, upstream: ResettingUpstream):
+    return start_gateway(
         providers=f"""\
 [[providers]]
 name = "upstream"
 kind = "openai"
-base_url = "{resetting_upstream.base_url}"
+base_url = "{upstream.base_url}"
 models = ["gpt-*"]
 
 {MOCK_PROVIDER}"""
     )
+
+
+# Without include_usage the gateway asks for usage itself and filters the stream event by event;
+# with it, frames pass as they come: two code paths to the closing error event.
+@pytest.mark.parametrize("include_usage", [False, True], ids=["gateway-usage", "client-usage"])
+def test_upstream_reset_mid_stream_ends_with_a_clean_sdk_error(start_gateway, resetting_upstream, include_usage):
+    gateway = gateway_before(start_gateway, resetting_upstream)
     client = sdk_client(gateway.base_url + "/v1")
 
     # Twice: a broken connection must not poison the gateway's upstream pool for the next call.
     trace_ids = []
     for attempt in (1, 2):
         result = run_with_deadline(
-            f"stream #{attempt} through the resetting upstream", lambda: stream_until_error(client)
+            f"stream #{attempt} through the resetting upstream", lambda: stream_until_error(client, include_usage)
         )
         assert not isinstance(result, BaseException), f"stream #{attempt}: the call itself failed: {result!r}"
         trace_id, received, ended, took = result
@@ -281,9 +296,9 @@ models = ["gpt-*"]
         assert took < CALL_DEADLINE_S, f"stream #{attempt} took {took:.1f} s"
     assert resetting_upstream.resets == 2, (resetting_upstream.resets, resetting_upstream.errors)
     assert not resetting_upstream.errors, resetting_upstream.errors
-    # The gateway asked for stream usage on the client's behalf; the model name went up unchanged.
     method, path, body = resetting_upstream.requests[0]
     assert (method, path, body["model"]) == ("POST", "/v1/chat/completions", "gpt-4o-mini"), body
+    assert body.get("stream_options") == {"include_usage": True}, body
 
     # The gateway keeps serving.
     completion = run_with_deadline(
@@ -304,6 +319,23 @@ models = ["gpt-*"]
         error = trace.get("error") or {}
         assert error.get("class") == "upstream_stream", json.dumps(trace, indent=1)[:4000]
         assert "upstream" in (error.get("message") or ""), error
+
+
+def test_upstream_reset_inside_an_event_ends_with_a_clean_sdk_error(start_gateway):
+    # The start of a third event, cut inside its JSON, with the client asking for usage itself
+    # (the gateway filters nothing): the half event must still not reach the client.
+    upstream = ResettingUpstream(partial_tail=chunk_event("world")[:30])
+    try:
+        gateway = gateway_before(start_gateway, upstream)
+        client = sdk_client(gateway.base_url + "/v1")
+        result = run_with_deadline("stream cut inside an event", lambda: stream_until_error(client, True))
+        assert not isinstance(result, BaseException), f"the call itself failed: {result!r}"
+        _, received, ended, _ = result
+        assert received == CHUNKS, received
+        assert type(ended) is openai.APIError, f"expected openai.APIError, got {type(ended).__name__}: {ended!r}"
+        assert ended.body.get("code") == "upstream_stream_error", ended.body
+    finally:
+        upstream.close()
 
 
 # ---------------------------------------------------------------------------------------------
