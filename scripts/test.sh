@@ -74,9 +74,9 @@ setup_prometheus() {
 }
 
 run_cargo_tests() {
-    section "cargo test (all targets, then doctests, which --all-targets leaves out)"
-    cargo test --all-targets
+    section "cargo test (doctests, which --all-targets leaves out, then all targets)"
     cargo test --doc
+    cargo test --all-targets
 }
 
 run_interop_tests() {
