@@ -28,8 +28,9 @@
 # fuzzing, so a fixed bug stays fixed.
 #
 # Environment:
-#   FLOWGATE_FUZZ_STRICT=1   request_fields also checks bodies outside the proxy's contract
-#                            (an empty JSON object with ask_usage; see the target's comments).
+#   FLOWGATE_FUZZ_STRICT=1   request_fields also checks what the proxy does not rely on today
+#                            (known failures, kept in fuzz/regressions/request_fields/; see the
+#                            target's header). Replaying those regressions then fails.
 #   FUZZ_SANITIZER=none      build without ASan (about twice the executions per second).
 set -euo pipefail
 

@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
         if valid {
             // A valid config always has a provider (the mock when none was named) and says
             // where it came from.
-            assert!(!config.providers.is_empty(), "validated config without providers");
+            assert!(
+                !config.providers.is_empty(),
+                "validated config without providers"
+            );
             assert_eq!(config.source(), Source::BuiltIn);
             // Validating twice is idempotent.
             assert!(config.validate().is_ok(), "validate() not idempotent");

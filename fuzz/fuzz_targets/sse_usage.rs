@@ -112,7 +112,10 @@ fuzz_target!(|data: &[u8]| {
             "from_sse({endpoint:?}) depends on the cuts"
         );
         if !cut_answer.text.is_empty() {
-            assert!(cut_answer.first_content_us.is_some(), "text without first_content_us");
+            assert!(
+                cut_answer.first_content_us.is_some(),
+                "text without first_content_us"
+            );
         }
         let _ = from_json(endpoint, stream);
     }

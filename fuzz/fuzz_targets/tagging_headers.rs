@@ -60,7 +60,11 @@ fuzz_target!(|data: &[u8]| {
         .into_iter()
         .flatten()
         {
-            assert!(value.len() <= 256, "over-long value accepted: {}", value.len());
+            assert!(
+                value.len() <= 256,
+                "over-long value accepted: {}",
+                value.len()
+            );
         }
         for key in ctx.params.keys().chain(ctx.tags.keys()) {
             assert!(!key.is_empty(), "empty key");
@@ -69,8 +73,16 @@ fuzz_target!(|data: &[u8]| {
             let lower_hex = |s: &str, len: usize| {
                 s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             };
-            assert!(lower_hex(&parent.trace_id, 32), "trace id {:?}", parent.trace_id);
-            assert!(lower_hex(&parent.span_id, 16), "span id {:?}", parent.span_id);
+            assert!(
+                lower_hex(&parent.trace_id, 32),
+                "trace id {:?}",
+                parent.trace_id
+            );
+            assert!(
+                lower_hex(&parent.span_id, 16),
+                "span id {:?}",
+                parent.span_id
+            );
         }
         // Same headers, same context.
         assert_eq!(RequestContext::from_headers(&headers).ok(), Some(ctx));
