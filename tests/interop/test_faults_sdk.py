@@ -153,8 +153,9 @@ class ResettingUpstream:
                 # discard data still in the receiver's buffer.
                 time.sleep(0.3)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
+                # Counted before the close: the test may look as soon as the client sees it.
                 self.resets += 1
+                conn.close()
                 return
             payload = json.dumps(
                 {"error": {"message": f"no {method} {path} here", "type": "invalid_request_error", "param": None, "code": None}}
