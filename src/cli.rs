@@ -779,8 +779,10 @@ const KNOWN_METRICS: &[&str] = &[
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
+    "provider_cache_hit_rate",
     "cost_usd",
     "cost_per_request_usd",
+    "cost_saved_usd",
 ];
 
 /// Formats a metric by what its path says it measures.

@@ -60,6 +60,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
     pub providers: Vec<ProviderConfig>,
     /// USD per 1M tokens, overriding the bundled table entry by entry.
     #[serde(default)]
@@ -172,6 +174,36 @@ impl Default for MetricsConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Answers kept at most, in bytes (bodies plus bookkeeping).
+    pub max_bytes: u64,
+    pub ttl_seconds: u64,
+    pub mode: CacheMode,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            ttl_seconds: 3600,
+            mode: CacheMode::Deterministic,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Only calls that ask for a repeatable answer: temperature 0, or a seed (and embeddings).
+    Deterministic,
+    All,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
@@ -238,6 +270,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             storage: StorageConfig::default(),
             metrics: MetricsConfig::default(),
+            cache: CacheConfig::default(),
             providers: vec![mock_provider()],
             pricing: BTreeMap::new(),
             source: Some(Source::BuiltIn),
@@ -359,6 +392,11 @@ impl Config {
                     "server.tls_cert and server.tls_key go together: set both or neither".into(),
                 ))
             }
+        }
+        if self.cache.enabled && (self.cache.max_bytes == 0 || self.cache.ttl_seconds == 0) {
+            return Err(self.invalid(
+                "cache.max_bytes and cache.ttl_seconds must be greater than 0 (or set cache.enabled = false)".into(),
+            ));
         }
         if self.server.max_connections == 0 || self.server.max_in_flight == 0 {
             return Err(self.invalid(

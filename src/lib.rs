@@ -2,6 +2,7 @@
 //! traces into experiments and runs. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod context;

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use crate::cache::{self, replay, KeyInput, Lookup, ResponseCache};
 use crate::config::{Config, ProviderKind};
 use crate::context::RequestContext;
 use crate::error::ApiError;
@@ -35,6 +36,7 @@ use request::RequestFields;
 
 pub const TRACE_ID_HEADER: &str = "x-flowgate-trace-id";
 pub const RUN_ID_HEADER: &str = "x-flowgate-run-id";
+pub const CACHE_HEADER: &str = "x-flowgate-cache";
 
 /// Response bytes kept for the recorder at most, whatever the capture setting: enough for any
 /// usage block, which providers send last.
@@ -50,6 +52,7 @@ pub struct Proxy {
     max_body_bytes: u64,
     request_timeout: Duration,
     metering_bytes: usize,
+    cache: Option<ResponseCache>,
 }
 
 /// What the proxy learnt from a model-calling request body.
@@ -59,6 +62,8 @@ struct Call {
     stream: bool,
     /// The gateway asked for stream usage; the extra chunk must not reach the client.
     drop_usage_chunk: bool,
+    /// The client asked for the usage chunk of a stream.
+    client_usage: bool,
 }
 
 impl Proxy {
@@ -77,6 +82,7 @@ impl Proxy {
             max_body_bytes: config.server.max_body_bytes,
             request_timeout: Duration::from_millis(config.server.request_timeout_ms),
             metering_bytes: config.storage.max_capture_bytes.max(MIN_METERING_BYTES),
+            cache: ResponseCache::new(&config.cache),
         }
     }
 
@@ -149,6 +155,14 @@ impl Proxy {
             self.passthrough_call(parts, &body, &context, draft)?
         };
         draft.trace.run_id = run_identity(&draft.trace).id();
+        if endpoint.takes_model() {
+            if let Some(hit) = self
+                .consult_cache(parts, &body, &call, &context, draft)
+                .await
+            {
+                return Ok(hit);
+            }
+        }
         self.forward(parts, call, draft).await
     }
 
@@ -267,6 +281,7 @@ impl Proxy {
             upstream_body,
             stream,
             drop_usage_chunk: ask_usage,
+            client_usage: fields.client_asked_for_usage(),
         })
     }
 
@@ -317,7 +332,86 @@ impl Proxy {
             upstream_body: body.clone(),
             stream: false,
             drop_usage_chunk: false,
+            client_usage: false,
         })
+    }
+
+    /// Answers from the cache, or — on a miss the cache may keep — hands the draft the fill
+    /// its finish hook completes. `None`: call the provider.
+    async fn consult_cache(
+        &self,
+        parts: &Parts,
+        body: &Bytes,
+        call: &Call,
+        context: &RequestContext,
+        draft: &mut Draft,
+    ) -> Option<Response<ResponseBody>> {
+        let cache = self.cache.as_ref()?;
+        if context.cache == cache::Directive::Bypass
+            || !cache.admits(draft.endpoint, &draft.trace.sampling)
+        {
+            return None;
+        }
+        let provider = &call.route.provider;
+        let key = cache.key(&KeyInput {
+            endpoint: draft.endpoint,
+            provider: provider.name(),
+            model: &call.route.model,
+            body,
+            credential: (!provider.has_own_key()).then_some(&parts.headers),
+        })?;
+        let deadline = tokio::time::Instant::from_std(draft.started() + self.request_timeout);
+        match cache.lookup(key, context.cache, deadline).await {
+            Lookup::Bypass => None,
+            Lookup::Miss(fill) => {
+                draft.trace.cache = cache::MISS.into();
+                draft.cache_fill = Some(fill);
+                None
+            }
+            Lookup::Hit(entry) => {
+                match replay::to_client(&entry, draft.endpoint, call.stream, call.client_usage) {
+                    Ok(answer) => Some(self.serve_hit(&entry, answer, call, body, draft)),
+                    Err(err) => {
+                        tracing::warn!(trace_id = %draft.trace.id, error = %err, "cached answer not replayable; calling the provider");
+                        draft.trace.cache = cache::MISS.into();
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve_hit(
+        &self,
+        entry: &cache::Entry,
+        answer: Bytes,
+        call: &Call,
+        body: &Bytes,
+        draft: &mut Draft,
+    ) -> Response<ResponseBody> {
+        let content_type = if call.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        let mut response = response::with_content_type(StatusCode::OK, answer, content_type);
+        draft.trace.cache = cache::HIT.into();
+        draft.trace.status = StatusCode::OK.as_u16();
+        let elapsed = draft.started().elapsed();
+        if call.stream {
+            draft.trace.latency.ttft_ms = Some(elapsed.as_secs_f64() * 1000.0);
+        }
+        add_trace_headers(&mut response, &draft.trace);
+        draft.request_body = Bytes::copy_from_slice(body);
+        // The recorder reads usage from the answer as it was stored.
+        let stored = Captured::whole(
+            self.metering_bytes,
+            entry.sse,
+            entry.body.clone(),
+            elapsed.as_micros() as u64,
+        );
+        draft.finish(stored);
+        response
     }
 
     async fn forward(
@@ -529,4 +623,10 @@ fn add_trace_headers(response: &mut Response<ResponseBody>, trace: &Trace) {
     if let Ok(value) = HeaderValue::from_str(&run_id) {
         headers.insert(RUN_ID_HEADER, value);
     }
+    let cache = match trace.cache.as_str() {
+        cache::HIT => cache::HIT,
+        cache::MISS => cache::MISS,
+        _ => cache::BYPASS,
+    };
+    headers.insert(CACHE_HEADER, HeaderValue::from_static(cache));
 }

@@ -60,6 +60,9 @@ pub struct Trace {
     /// USD; `None` when the model has no price (never a made-up 0).
     #[serde(default)]
     pub cost_usd: Option<f64>,
+    /// A cache hit: what the answer cost when the provider made it (`cost_usd` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_saved_usd: Option<f64>,
     /// `hit`, `miss` or `bypass`.
     pub cache: String,
     #[serde(default)]

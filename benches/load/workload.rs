@@ -68,11 +68,13 @@ pub struct Expect {
     pub chunks: u32,
 }
 
-/// Chat request bodies of about `size` bytes, different for each request index.
+/// Chat request bodies of about `size` bytes, different for each request index unless `repeat`.
+/// Temperature 0 makes every call one the response cache looks up (and, unless `repeat`, misses).
 #[derive(Clone, Debug)]
 pub struct Bodies {
     pub size: usize,
     pub stream: bool,
+    pub repeat: bool,
 }
 
 const WORDS: [&str; 16] = [
@@ -82,9 +84,10 @@ const WORDS: [&str; 16] = [
 
 impl Bodies {
     pub fn body(&self, index: u64) -> Bytes {
+        let index = if self.repeat { 0 } else { index };
         let head = format!(
             concat!(
-                r#"{{"model":"gpt-4o-mini","stream":{},"messages":["#,
+                r#"{{"model":"gpt-4o-mini","stream":{},"temperature":0,"messages":["#,
                 r#"{{"role":"system","content":"You are a concise assistant."}},"#,
                 r#"{{"role":"user","content":"request {}:"#
             ),
