@@ -328,10 +328,21 @@ impl TestGateway {
         server: &str,
         extra: &str,
     ) -> TestGateway {
+        Self::start_on("127.0.0.1:0", data_dir, upstream_url, server, extra).await
+    }
+
+    /// As [`start_in`], listening on `listen` (the URL still names the port on loopback).
+    pub async fn start_on(
+        listen: &str,
+        data_dir: &Path,
+        upstream_url: &str,
+        server: &str,
+        extra: &str,
+    ) -> TestGateway {
         let text = format!(
             r#"
 [server]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 {server}
 
 [storage]
@@ -357,7 +368,7 @@ models = ["mock/*"]
             Config::from_toml(&text, Source::BuiltIn).unwrap_or_else(|e| panic!("{e}\n{text}"));
         config.validate().unwrap();
         let gateway = Gateway::start(&config).await.unwrap();
-        let url = format!("http://{}", gateway.addr);
+        let url = format!("http://127.0.0.1:{}", gateway.addr.port());
         TestGateway {
             gateway: Some(gateway),
             url,
