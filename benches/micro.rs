@@ -274,6 +274,8 @@ fn trace() -> Trace {
         provider: Some("openai".into()),
         requested_model: Some("gpt-4o-mini".into()),
         served_model: Some("gpt-4o-mini".into()),
+        model_group: None,
+        attempts: Vec::new(),
         endpoint: Endpoint::ChatCompletions.as_str().into(),
         method: "POST".into(),
         path: "/v1/chat/completions".into(),

@@ -12,6 +12,7 @@ pub mod providers;
 pub mod proxy;
 pub mod recorder;
 pub mod response;
+pub mod routing;
 pub mod runs;
 pub mod server;
 pub mod sketch;

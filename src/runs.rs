@@ -246,7 +246,7 @@ impl Run {
             id: trace.run_id.clone(),
             experiment: trace.experiment.clone(),
             name: trace.run_name.clone(),
-            provider: trace.provider.clone().unwrap_or_default(),
+            provider: run_provider(trace).to_owned(),
             model: run_model(trace).to_owned(),
             prompt_id: trace.prompt_id.clone(),
             prompt_version: trace.prompt_version.clone(),
@@ -381,11 +381,23 @@ impl Run {
     }
 }
 
+/// The provider a run is about: for a `[[models]]` call the router itself, whichever deployment
+/// served it.
+pub fn run_provider(trace: &Trace) -> &str {
+    if trace.model_group.is_some() {
+        return crate::routing::GROUP_PROVIDER;
+    }
+    trace.provider.as_deref().unwrap_or("")
+}
+
 /// The model a run is about, as its identity uses it: the model a provider was asked for
 /// (the served model, else what the client named for pass-through calls). A call rejected
 /// before routing has no provider and counts under the model "": a client making up model
 /// names must not make up runs.
 pub fn run_model(trace: &Trace) -> &str {
+    if let Some(group) = &trace.model_group {
+        return group;
+    }
     if trace.provider.is_none() {
         return "";
     }

@@ -126,6 +126,37 @@ impl Draft {
         self.started
     }
 
+    /// Notes one try of a deployment (only for `[[models]]` routes: a plain route's single try
+    /// is the trace itself).
+    pub fn attempt(
+        &mut self,
+        route: &crate::providers::Route,
+        status: Option<http::StatusCode>,
+        error: Option<&str>,
+        took: Duration,
+    ) {
+        if self.trace.model_group.is_none() {
+            return;
+        }
+        self.trace.attempts.push(crate::trace::Attempt {
+            provider: route.provider.name().to_owned(),
+            model: route.model.clone(),
+            status: status.map(|s| s.as_u16()),
+            error: error.map(str::to_owned),
+            ms: ms(took),
+            served: false,
+        });
+    }
+
+    /// The deployment whose answer the client gets.
+    pub fn serve_from(&mut self, route: &crate::providers::Route) {
+        self.trace.provider = Some(route.provider.name().to_owned());
+        self.trace.served_model = Some(route.model.clone());
+        if let Some(last) = self.trace.attempts.last_mut() {
+            last.served = true;
+        }
+    }
+
     pub fn fail(&mut self, class: &str, message: impl Into<String>) {
         self.trace.error = Some(TraceError {
             class: class.to_owned(),
