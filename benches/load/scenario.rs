@@ -136,6 +136,7 @@ impl Bench<'_> {
             size: settings.request_bytes,
             stream: scenario.stream,
             repeat: scenario.repeat,
+            salt: scenario.experiment.clone(),
         };
         let client = workload::client(pool);
         let caller = Caller::new(

@@ -75,6 +75,8 @@ pub struct Bodies {
     pub size: usize,
     pub stream: bool,
     pub repeat: bool,
+    /// Makes every scenario's bodies its own: no scenario hits answers another one cached.
+    pub salt: String,
 }
 
 const WORDS: [&str; 16] = [
@@ -89,9 +91,9 @@ impl Bodies {
             concat!(
                 r#"{{"model":"gpt-4o-mini","stream":{},"temperature":0,"messages":["#,
                 r#"{{"role":"system","content":"You are a concise assistant."}},"#,
-                r#"{{"role":"user","content":"request {}:"#
+                r#"{{"role":"user","content":"request {} of {}:"#
             ),
-            self.stream, index
+            self.stream, index, self.salt
         );
         const TAIL: &str = r#""}]}"#;
         let mut body = String::with_capacity(self.size + 16);
