@@ -581,7 +581,7 @@ fn recompute_aggregates(store: &dyn Store) -> Result<(), StoreError> {
     let mut runs: HashMap<String, Run> = HashMap::new();
     let mut experiments: HashMap<String, Experiment> = HashMap::new();
     let mut count = 0u64;
-    store.for_each_trace(&mut |trace| {
+    store.recover_traces(&mut |trace| {
         count += 1;
         let new_run = !runs.contains_key(&trace.run_id);
         match runs.get_mut(&trace.run_id) {
@@ -605,7 +605,7 @@ fn recompute_aggregates(store: &dyn Store) -> Result<(), StoreError> {
         traces = count,
         runs = runs.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "the store was not closed cleanly: run aggregates recomputed from the stored traces"
+        "the store was not closed cleanly: indexes restored and run aggregates recomputed from the stored traces"
     );
     Ok(())
 }

@@ -135,7 +135,6 @@ async fn serve(
     limits: Limits,
     recorder: RecorderControl,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = connection_builder(&limits);
     let refused = app
         .metrics
@@ -166,23 +165,13 @@ async fn serve(
                     tokio::spawn(refuse(stream));
                     continue;
                 }
-                let app = app.clone();
-                let service = service_fn(move |request| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.route(request, peer).await) }
-                });
+                let (app, builder, stopped) = (app.clone(), builder.clone(), stopped.clone());
                 match limits.tls.clone() {
                     None => {
-                        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                        connections.spawn(async move {
-                            if let Err(err) = connection.await {
-                                tracing::debug!(%err, %peer, "connection ended with an error");
-                            }
-                        });
+                        connections.spawn(drive(builder, TokioIo::new(stream), app, peer, stopped));
                     }
                     Some(acceptor) => {
                         // The handshake runs in the connection's task, bounded like a request head.
-                        let (builder, watcher) = (builder.clone(), graceful.watcher());
                         let handshake_limit = limits.header_read_timeout;
                         connections.spawn(async move {
                             let stream = match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
@@ -190,10 +179,7 @@ async fn serve(
                                 Ok(Err(err)) => return tracing::debug!(%err, %peer, "TLS handshake failed"),
                                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                             };
-                            let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                            if let Err(err) = connection.await {
-                                tracing::debug!(%err, %peer, "connection ended with an error");
-                            }
+                            drive(builder, TokioIo::new(stream), app, peer, stopped).await;
                         });
                     }
                 }
@@ -203,10 +189,9 @@ async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Every connection saw the stop too: each finishes its calls, then closes.
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             grace_ms = grace.as_millis() as u64,
             calls = connections.len(),
@@ -216,6 +201,61 @@ async fn serve(
     connections.abort_all();
     while connections.join_next().await.is_some() {}
     recorder.shutdown().await;
+}
+
+/// Asks the HTTP/1.1 connection that carried a request to close once the response is done: a
+/// client whose answer broke off must not send its next request over that connection.
+#[derive(Clone)]
+pub struct CloseConnection(Arc<tokio::sync::Notify>);
+
+impl CloseConnection {
+    pub fn request(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Serves one connection until it ends: after a server stop, or after a call asked for it to
+/// close, it finishes what is in flight and closes (hyper's graceful shutdown).
+async fn drive<I>(
+    builder: auto::Builder<TokioExecutor>,
+    io: I,
+    app: Arc<App>,
+    peer: SocketAddr,
+    mut stopped: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let close = Arc::new(tokio::sync::Notify::new());
+    let signal = CloseConnection(close.clone());
+    let service = service_fn(move |mut request: Request<Incoming>| {
+        let app = app.clone();
+        // HTTP/2 streams break alone; closing the connection would end its other streams.
+        if request.version() == http::Version::HTTP_11 {
+            request.extensions_mut().insert(signal.clone());
+        }
+        async move { Ok::<_, Infallible>(app.route(request, peer).await) }
+    });
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, %peer, "connection ended with an error");
+                }
+                return;
+            }
+            _ = close.notified(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = stopped.wait_for(|stop| *stop), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }
 
 /// HTTP/1.1 and HTTP/2 (prior knowledge or h2c) on one port, with the head size and head read

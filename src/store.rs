@@ -72,6 +72,9 @@ pub trait Store: Send + Sync {
     fn close_session(&self) -> Result<(), StoreError>;
     /// Calls `visit` with every stored trace, oldest first.
     fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError>;
+    /// After an unclean stop: as `for_each_trace`, and restores each trace's index entries (a
+    /// crash can keep a batch's traces but lose the index writes that followed them).
+    fn recover_traces(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError>;
     /// Replaces all run and experiment aggregates (after recomputing them from the traces).
     fn replace_aggregates(
         &self,

@@ -373,6 +373,66 @@ async fn an_upstream_cut_mid_stream_gives_a_well_formed_end_and_a_trace() {
     assert_eq!(trace["error"]["class"], "upstream_stream");
 }
 
+/// Sends one keep-alive HTTP/1.1 request on a raw socket and reads until the server closes the
+/// connection or `idle` passes without a byte: (what arrived, whether the server closed).
+async fn raw_keep_alive_call(addr: &str, body: &str, idle: Duration) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(idle, socket.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&received).into(), true),
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => return (String::from_utf8_lossy(&received).into(), false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn after_a_broken_stream_the_client_connection_is_closed_and_after_a_whole_one_kept() {
+    let upstream = Upstream::start(|seen: &Seen| {
+        if seen.json()["messages"][0]["content"] == "break" {
+            Reply::SseThenCut(vec![chunk("partial")])
+        } else {
+            Reply::Sse(
+                streamed_answer(&["whole"], false)
+                    .into_iter()
+                    .map(|e| (Duration::ZERO, e))
+                    .collect(),
+            )
+        }
+    })
+    .await;
+    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let body = |content: &str| {
+        json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": content}]})
+            .to_string()
+    };
+    // (what the upstream does, the server closes the connection afterwards)
+    for (content, closed) in [("break", true), ("fine", false)] {
+        let (received, server_closed) =
+            raw_keep_alive_call(&addr, &body(content), Duration::from_millis(1500)).await;
+        assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+        if closed {
+            assert!(received.contains("upstream_stream_error"), "{received}");
+            assert!(
+                received.ends_with("0\r\n\r\n"),
+                "a well-formed end first: {received:?}"
+            );
+        } else {
+            assert!(received.contains("[DONE]"), "{received}");
+        }
+        assert_eq!(server_closed, closed, "{content}: {received}");
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_leaves_a_cancelled_trace_with_what_was_sent() {
     let upstream = Upstream::start(|_| {

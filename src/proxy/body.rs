@@ -67,6 +67,8 @@ pub struct Draft {
     pub in_flight: Option<InFlight>,
     /// This call's answer may fill the response cache (and release identical calls waiting).
     pub cache_fill: Option<crate::cache::Fill>,
+    /// Closes the client's HTTP/1.1 connection after a broken answer.
+    pub close_connection: Option<crate::server::CloseConnection>,
     done: bool,
 }
 
@@ -99,6 +101,7 @@ impl Draft {
             run_id_fallback,
             in_flight: None,
             cache_fill: None,
+            close_connection: None,
             done: false,
         }
     }
@@ -117,6 +120,7 @@ impl Draft {
             run_id_fallback: self.run_id_fallback,
             in_flight: None,
             cache_fill: None,
+            close_connection: None,
             done: true,
         };
         std::mem::replace(self, shell)
@@ -360,6 +364,9 @@ impl MeteredBody {
         self.log_break(class, &message);
         self.draft.mark_upstream_end();
         self.draft.fail(class, message.clone());
+        if let Some(close) = &self.draft.close_connection {
+            close.request();
+        }
         if self.captured.sse {
             let event = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": code}});
             // After a cut-off event, a blank line first: the error must be an event of its own.

@@ -118,17 +118,35 @@ impl SledStore {
         // One record with its bodies: a write per trace fewer than keeping bodies apart, which
         // matters more (the recorder's cost is mostly sled's) than listings decoding the bodies.
         writes.traces.insert(&key, encode("trace", trace)?);
+        self.index_writes(trace, &key, writes)
+    }
+
+    /// The index entries that find a trace by run, experiment and session.
+    fn index_writes(
+        &self,
+        trace: &Trace,
+        key: &[u8],
+        writes: &mut Writes,
+    ) -> Result<(), StoreError> {
         writes
             .run_traces
-            .insert(join(&length_prefixed(&trace.run_id)?, &key), &[]);
+            .insert(join(&length_prefixed(&trace.run_id)?, key), &[]);
         writes
             .experiment_traces
-            .insert(join(&length_prefixed(&trace.experiment)?, &key), &[]);
+            .insert(join(&length_prefixed(&trace.experiment)?, key), &[]);
         if let Some(session) = &trace.session {
             writes
                 .session_traces
-                .insert(join(&length_prefixed(session)?, &key), &[]);
+                .insert(join(&length_prefixed(session)?, key), &[]);
         }
+        Ok(())
+    }
+
+    fn apply_indexes(&self, writes: Writes) -> Result<(), StoreError> {
+        self.run_traces.apply_batch(writes.run_traces)?;
+        self.session_traces.apply_batch(writes.session_traces)?;
+        self.experiment_traces
+            .apply_batch(writes.experiment_traces)?;
         Ok(())
     }
 }
@@ -221,8 +239,9 @@ impl Store for SledStore {
                 encode("experiment", experiment)?,
             );
         }
-        // Indexes after the records they point to, aggregates last: a crash in between leaves
-        // at worst an index entry without its trace, which readers skip.
+        // Records, then their indexes, aggregates last. A crash in between can keep traces whose
+        // index entries were lost: the next start restores those (`recover_traces`) and
+        // recomputes the aggregates.
         self.traces.apply_batch(writes.traces)?;
         self.run_traces.apply_batch(writes.run_traces)?;
         self.session_traces.apply_batch(writes.session_traces)?;
@@ -372,6 +391,30 @@ impl Store for SledStore {
             }
         }
         Ok(())
+    }
+
+    fn recover_traces(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError> {
+        const PER_BATCH: usize = 1000;
+        let mut writes = Writes::default();
+        let mut pending = 0;
+        for entry in self.traces.iter() {
+            let (key, value) = entry?;
+            let trace = match decode_trace(&key, &value) {
+                Ok(trace) => trace,
+                Err(err) => {
+                    tracing::warn!(%err, "skipping an unreadable trace");
+                    continue;
+                }
+            };
+            self.index_writes(&trace, &key, &mut writes)?;
+            pending += 1;
+            if pending == PER_BATCH {
+                self.apply_indexes(std::mem::take(&mut writes))?;
+                pending = 0;
+            }
+            visit(trace);
+        }
+        self.apply_indexes(writes)
     }
 
     fn replace_aggregates(
