@@ -8,8 +8,8 @@
 //! - `recorder/…`: what the recorder thread does per finished call (usage, aggregation, cost,
 //!   metrics, trace encoding).
 //!
-//! There is no response cache yet, so there is no cache-key benchmark; add a `request_path/cache/…`
-//! case with the cache.
+//! - `cache/…`: the response cache's key of a 1 KB request, and a whole hit of a 1 KB answer
+//!   (key, lookup, replay in the stored shape and as a stream).
 //!
 //! `cargo bench --bench micro` (add `-- --quick` for a faster, rougher pass, or a name filter such
 //! as `-- recorder/`). Under `cargo test --all-targets` criterion runs each case once.
@@ -23,7 +23,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{json, Value};
 
-use flowgate::config::{Config, Source};
+use flowgate::cache::{replay, Directive, Entry, KeyInput, Lookup, ResponseCache};
+use flowgate::config::{CacheConfig, CacheMode, Config, Source};
 use flowgate::context::RequestContext;
 use flowgate::metering::{Pricing, Tokens};
 use flowgate::providers::{Endpoint, Router};
@@ -274,6 +275,8 @@ fn trace() -> Trace {
         provider: Some("openai".into()),
         requested_model: Some("gpt-4o-mini".into()),
         served_model: Some("gpt-4o-mini".into()),
+        model_group: None,
+        attempts: Vec::new(),
         endpoint: Endpoint::ChatCompletions.as_str().into(),
         method: "POST".into(),
         path: "/v1/chat/completions".into(),
@@ -294,6 +297,7 @@ fn trace() -> Trace {
             source: "provider".into(),
         },
         cost_usd: Some(0.000_073_5),
+        cost_saved_usd: None,
         cache: "bypass".into(),
         guardrails: vec![GuardrailVerdict {
             guardrail: "pii".into(),
@@ -505,6 +509,59 @@ fn recorder(c: &mut Criterion) {
     group.finish();
 }
 
+// ---------------------------------------------------------------------------------------------
+// cache/…
+
+fn cache(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cache");
+    let cache = ResponseCache::new(&CacheConfig {
+        mode: CacheMode::All,
+        ..CacheConfig::default()
+    })
+    .expect("enabled");
+    let body = chat_body("gpt-4o-mini");
+    let input = KeyInput {
+        endpoint: Endpoint::ChatCompletions,
+        provider: "openai",
+        model: "gpt-4o-mini",
+        body: &body,
+        credential: None,
+    };
+    group.bench_function("key/chat_1k", |b| b.iter(|| cache.key(black_box(&input))));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let key = cache.key(&input).expect("a JSON body has a key");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    runtime.block_on(async {
+        if let Lookup::Miss(fill) = cache.lookup(key, Directive::Auto, deadline).await {
+            fill.complete(Some(Entry {
+                body: chat_completion(),
+                sse: false,
+            }));
+        }
+        // The entry is inserted by a spawned task: let it run.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    });
+    let hit = |stream: bool| {
+        runtime.block_on(async {
+            let key = cache.key(black_box(&input)).expect("key");
+            match cache.lookup(key, Directive::Auto, deadline).await {
+                Lookup::Hit(entry) => {
+                    replay::to_client(&entry, Endpoint::ChatCompletions, stream, false).ok()
+                }
+                _ => None,
+            }
+        })
+    };
+    assert!(hit(false).is_some(), "the stored answer is a hit");
+    group.bench_function("hit_1k/json", |b| b.iter(|| hit(false)));
+    group.bench_function("hit_1k/as_stream", |b| b.iter(|| hit(true)));
+    group.finish();
+}
+
 fn config() -> Criterion {
     // Short defaults so the whole file runs in about a minute; command-line flags override them.
     Criterion::default()
@@ -516,6 +573,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = request_path, response_path, recorder
+    targets = request_path, response_path, cache, recorder
 }
 criterion_main!(micro);

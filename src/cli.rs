@@ -779,8 +779,10 @@ const KNOWN_METRICS: &[&str] = &[
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
+    "provider_cache_hit_rate",
     "cost_usd",
     "cost_per_request_usd",
+    "cost_saved_usd",
 ];
 
 /// Formats a metric by what its path says it measures.
@@ -1041,6 +1043,7 @@ fn render_trace_show(trace: &Value) -> String {
     for section in ["params", "tags", "sampling"] {
         pairs.extend(map_entries(section, trace.get(section)));
     }
+    pairs.extend(attempt_pairs(trace));
     pairs.extend(guardrail_pairs(trace));
     pairs.extend(score_pairs(trace));
     let mut out = render_key_values(&pairs);
@@ -1076,6 +1079,7 @@ fn trace_summary_pairs(trace: &Value) -> Vec<(String, String)> {
         ("prompt", prompt_label(trace)),
         ("provider", text(field(trace, "provider"))),
         ("requested model", text(field(trace, "requested_model"))),
+        ("models entry", text(field(trace, "model_group"))),
         ("served model", text(field(trace, "served_model"))),
         ("endpoint", text(field(trace, "endpoint"))),
         (
@@ -1108,10 +1112,40 @@ fn trace_summary_pairs(trace: &Value) -> Vec<(String, String)> {
         ),
         ("tokens from", usage_source.unwrap_or(DASH).to_string()),
         ("cost usd", format_usd(field(trace, "cost_usd"))),
+        (
+            "saved by cache usd",
+            format_usd(field(trace, "cost_saved_usd")),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// `attempt.1  a/gpt-4o-mini 500 (12.0 ms)`, `attempt.2  b/gpt-4o-mini 200 (8.1 ms) served`.
+fn attempt_pairs(trace: &Value) -> Vec<(String, String)> {
+    items(trace, "attempts")
+        .iter()
+        .enumerate()
+        .map(|(index, attempt)| {
+            let outcome = match field(attempt, "status") {
+                Some(status) if !status.is_null() => text(Some(status)),
+                _ => text(field(attempt, "error")),
+            };
+            let served = if attempt["served"] == true {
+                " served"
+            } else {
+                ""
+            };
+            let value = format!(
+                "{}/{} {outcome} ({} ms){served}",
+                text(field(attempt, "provider")),
+                text(field(attempt, "model")),
+                format_ms(field(attempt, "ms"))
+            );
+            (format!("attempt.{}", index + 1), value)
+        })
+        .collect()
 }
 
 /// `guardrail.pii  redacted email=2 (35 us)` per verdict.

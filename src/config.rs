@@ -60,7 +60,14 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
     pub providers: Vec<ProviderConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Model names served by several deployments, with fallbacks (`[[models]]`).
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
     /// USD per 1M tokens, overriding the bundled table entry by entry.
     #[serde(default)]
     pub pricing: BTreeMap<String, Price>,
@@ -172,6 +179,36 @@ impl Default for MetricsConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Answers kept at most, in bytes (bodies plus bookkeeping).
+    pub max_bytes: u64,
+    pub ttl_seconds: u64,
+    pub mode: CacheMode,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            ttl_seconds: 3600,
+            mode: CacheMode::Deterministic,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Only calls that ask for a repeatable answer: temperature 0, or a seed (and embeddings).
+    Deterministic,
+    All,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
@@ -217,6 +254,58 @@ fn yes() -> bool {
     true
 }
 
+/// Retries, backoff and circuit breaking for `[[models]]` routes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Retries per deployment on 429, 5xx and connection errors (never after the first
+    /// streamed byte reached the client).
+    pub retries: u32,
+    /// First backoff; doubled for each further retry, with jitter; `retry-after` wins.
+    pub backoff_ms: u64,
+    /// Consecutive failures that open a deployment's circuit.
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            retries: 2,
+            backoff_ms: 100,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// What clients send as `model`.
+    pub name: String,
+    pub deployments: Vec<DeploymentConfig>,
+    /// Other model names tried in order when every deployment failed.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    /// A `[[providers]]` name.
+    pub provider: String,
+    /// The model as that provider knows it.
+    pub model: String,
+    /// Share of first attempts, relative to the other deployments' weights.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
 /// USD per 1M tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -238,7 +327,10 @@ impl Default for Config {
             server: ServerConfig::default(),
             storage: StorageConfig::default(),
             metrics: MetricsConfig::default(),
+            cache: CacheConfig::default(),
             providers: vec![mock_provider()],
+            routing: RoutingConfig::default(),
+            models: Vec::new(),
             pricing: BTreeMap::new(),
             source: Some(Source::BuiltIn),
         }
@@ -360,6 +452,11 @@ impl Config {
                 ))
             }
         }
+        if self.cache.enabled && (self.cache.max_bytes == 0 || self.cache.ttl_seconds == 0) {
+            return Err(self.invalid(
+                "cache.max_bytes and cache.ttl_seconds must be greater than 0 (or set cache.enabled = false)".into(),
+            ));
+        }
         if self.server.max_connections == 0 || self.server.max_in_flight == 0 {
             return Err(self.invalid(
                 "server.max_connections and server.max_in_flight must be greater than 0".into(),
@@ -384,6 +481,7 @@ impl Config {
         if self.providers.is_empty() {
             self.providers.push(mock_provider());
         }
+        self.validate_models()?;
         for (model, price) in &self.pricing {
             let rates = [
                 Some(price.input),
@@ -399,6 +497,38 @@ impl Config {
                 return Err(self.invalid(format!(
                     "pricing.{model:?}: prices must be finite and not negative"
                 )));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_models(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for (index, model) in self.models.iter().enumerate() {
+            let at = format!("models[{index}] ({:?})", model.name);
+            if model.name.is_empty() || !names.insert(model.name.as_str()) {
+                return Err(self.invalid(format!("{at}: a model needs a name used only once")));
+            }
+            if model.deployments.is_empty() {
+                return Err(self.invalid(format!("{at}: list at least one deployment")));
+            }
+            for deployment in &model.deployments {
+                if !self.providers.iter().any(|p| p.name == deployment.provider) {
+                    let known: Vec<&str> = self.providers.iter().map(|p| p.name.as_str()).collect();
+                    return Err(self.invalid(format!(
+                        "{at}: deployment provider {:?} is not a configured provider (known: {})",
+                        deployment.provider,
+                        known.join(", ")
+                    )));
+                }
+                if deployment.weight == 0 || deployment.model.is_empty() {
+                    return Err(self.invalid(format!(
+                        "{at}: every deployment needs a model and a weight of at least 1"
+                    )));
+                }
+            }
+            if let Some(own) = model.fallbacks.iter().find(|f| **f == model.name) {
+                return Err(self.invalid(format!("{at}: {own:?} cannot be its own fallback")));
             }
         }
         Ok(())
@@ -592,6 +722,11 @@ mod tests {
             ("[[providers]]\nname = \"x\"\nkind = \"openai\"\nbase_url = \"http://h\"\nca_file = \"/nonexistent.pem\"", "ca_file"),
             ("[pricing]\n\"m\" = { input = -1.0 }", "not negative"),
             ("[server]\nrequest_timeout_ms = 9223372036854775807", "request_timeout_ms"),
+            ("[[models]]\nname = \"m\"\ndeployments = [{ provider = \"nope\", model = \"x\" }]", "not a configured provider"),
+            ("[[models]]\nname = \"m\"\ndeployments = []", "at least one deployment"),
+            ("[[models]]\nname = \"m\"\ndeployments = [{ provider = \"mock\", model = \"x\", weight = 0 }]", "weight of at least 1"),
+            ("[[models]]\nname = \"m\"\ndeployments = [{ provider = \"mock\", model = \"x\" }]\nfallbacks = [\"m\"]", "its own fallback"),
+            ("[cache]\nttl_seconds = 0", "cache.max_bytes and cache.ttl_seconds"),
         ];
         for (text, needle) in cases {
             let mut config = Config::from_toml(text, Source::BuiltIn).unwrap();

@@ -32,6 +32,7 @@ pub struct RequestContext {
     pub session: Option<String>,
     pub parent: Option<ParentSpan>,
     pub provider: Option<String>,
+    pub cache: crate::cache::Directive,
 }
 
 impl RequestContext {
@@ -60,8 +61,21 @@ impl RequestContext {
                 .flatten()
                 .and_then(parse_traceparent),
             provider: header(headers, PROVIDER)?.map(str::to_owned),
+            cache: cache_directive(headers)?,
         })
     }
+}
+
+fn cache_directive(headers: &HeaderMap) -> Result<crate::cache::Directive, ApiError> {
+    let Some(value) = header(headers, CACHE)? else {
+        return Ok(crate::cache::Directive::Auto);
+    };
+    crate::cache::Directive::parse(value).ok_or_else(|| {
+        ApiError::invalid_request(
+            "invalid_header",
+            format!("header {CACHE} must be auto, bypass or refresh, not {value:?}"),
+        )
+    })
 }
 
 fn non_empty(value: &str) -> Option<String> {

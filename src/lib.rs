@@ -2,6 +2,7 @@
 //! traces into experiments and runs. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod context;
@@ -11,6 +12,7 @@ pub mod providers;
 pub mod proxy;
 pub mod recorder;
 pub mod response;
+pub mod routing;
 pub mod runs;
 pub mod server;
 pub mod sketch;

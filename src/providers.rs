@@ -155,6 +155,7 @@ pub struct Route {
 /// provider (in config order) with a matching glob pattern.
 pub struct Router {
     entries: Vec<(Arc<dyn Provider>, Vec<String>)>,
+    groups: crate::routing::Groups,
 }
 
 impl Router {
@@ -164,7 +165,52 @@ impl Router {
         for provider in &config.providers {
             entries.push((build(provider, &settings)?, provider.models.clone()));
         }
-        Ok(Router { entries })
+        let by_name = |name: &str| {
+            entries
+                .iter()
+                .find(|(p, _)| p.name() == name)
+                .map(|(p, _)| p.clone())
+        };
+        let groups = crate::routing::Groups::new(&config.models, &config.routing, by_name)
+            .map_err(|err| BuildError {
+                name: err.model.clone(),
+                message: err.to_string(),
+            })?;
+        let router = Router { entries, groups };
+        router.check_fallbacks()?;
+        Ok(router)
+    }
+
+    /// Every fallback must name a `[[models]]` entry or route to a provider.
+    fn check_fallbacks(&self) -> Result<(), BuildError> {
+        for group in self.groups.names() {
+            let unrouted = group
+                .fallbacks()
+                .iter()
+                .find(|f| self.groups.get(f).is_none() && self.resolve(f).is_err());
+            if let Some(fallback) = unrouted {
+                return Err(BuildError {
+                    name: group.name.clone(),
+                    message: format!(
+                        "fallback {fallback:?} is neither a [[models]] name nor routed to a provider"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// What to try for `model`: a `[[models]]` entry's deployments and fallbacks, else the one
+    /// provider route.
+    pub fn plan(&self, model: &str) -> Result<crate::routing::Plan, ApiError> {
+        match self.groups.get(model) {
+            Some(group) => Ok(self.groups.plan(group, |name| self.resolve(name).ok())),
+            None => self.resolve(model).map(crate::routing::Plan::single),
+        }
+    }
+
+    pub fn groups(&self) -> &crate::routing::Groups {
+        &self.groups
     }
 
     pub fn resolve(&self, model: &str) -> Result<Route, ApiError> {
@@ -235,6 +281,15 @@ impl Router {
     /// The routing table as `check-config` prints it.
     pub fn describe(&self) -> String {
         let mut out = String::new();
+        let mut groups: Vec<_> = self.groups.names().collect();
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        for group in groups {
+            out.push_str(&format!(
+                "{:<12} models  {}\n",
+                group.name,
+                group.describe()
+            ));
+        }
         for (provider, patterns) in &self.entries {
             out.push_str(&format!(
                 "{:<12} {:<7} {}  (also {}/<model>)\n",

@@ -17,12 +17,14 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use crate::cache::{self, replay, KeyInput, Lookup, ResponseCache};
 use crate::config::{Config, ProviderKind};
 use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::providers::{mock, Endpoint, Route, Router, UpstreamRequest};
 use crate::recorder::RecorderHandle;
 use crate::response::{self, ResponseBody};
+use crate::routing::Plan;
 use crate::runs::RunIdentity;
 use crate::trace::Trace;
 
@@ -35,6 +37,7 @@ use request::RequestFields;
 
 pub const TRACE_ID_HEADER: &str = "x-flowgate-trace-id";
 pub const RUN_ID_HEADER: &str = "x-flowgate-run-id";
+pub const CACHE_HEADER: &str = "x-flowgate-cache";
 
 /// Response bytes kept for the recorder at most, whatever the capture setting: enough for any
 /// usage block, which providers send last.
@@ -50,16 +53,79 @@ pub struct Proxy {
     max_body_bytes: u64,
     request_timeout: Duration,
     metering_bytes: usize,
+    cache: Option<ResponseCache>,
 }
 
-/// What the proxy learnt from a model-calling request body.
+/// What the proxy learnt from a request: where it may go, and how its body is prepared for each
+/// place.
 struct Call {
-    route: Route,
-    upstream_body: Bytes,
+    plan: Plan,
+    /// The client's body.
+    body: Bytes,
+    /// `None`: forwarded untouched (pass-through paths).
+    rewrite: Option<Rewrite>,
     stream: bool,
-    /// The gateway asked for stream usage; the extra chunk must not reach the client.
-    drop_usage_chunk: bool,
+    /// The client asked for the usage chunk of a stream.
+    client_usage: bool,
 }
+
+/// What a model call's body may need changed for a deployment.
+struct Rewrite {
+    /// The model the client named.
+    requested: String,
+    /// The endpoint reports stream usage when asked (chat, completions).
+    streams_usage: bool,
+    has_stream_options: bool,
+}
+
+impl Call {
+    /// The body for one deployment, and whether the gateway asked it for stream usage (a chunk
+    /// the client then must not see).
+    fn body_for(&self, route: &Route) -> Result<(Bytes, bool), ApiError> {
+        let Some(rewrite) = &self.rewrite else {
+            return Ok((self.body.clone(), false));
+        };
+        let ask_usage = self.stream
+            && rewrite.streams_usage
+            && !self.client_usage
+            && route.provider.supports_stream_usage();
+        let renamed = (route.model != rewrite.requested).then_some(route.model.as_str());
+        let body = request::rewrite(&self.body, renamed, ask_usage, rewrite.has_stream_options)?;
+        Ok((body, ask_usage))
+    }
+
+    /// Who the cache and the run see as serving this call: the `[[models]]` name, or the route.
+    fn identity(&self) -> Option<(&str, &str)> {
+        match &self.plan.group {
+            Some(group) => Some((crate::routing::GROUP_PROVIDER, group.as_str())),
+            None => self
+                .plan
+                .first()
+                .map(|route| (route.provider.name(), route.model.as_str())),
+        }
+    }
+
+    /// Whether the client's own key may reach a provider (then it is part of the cache key).
+    fn forwards_client_key(&self) -> bool {
+        self.plan
+            .candidates
+            .iter()
+            .any(|c| !c.route.provider.has_own_key())
+    }
+}
+
+/// A failed attempt kept while others are tried: the last one is what the client gets.
+enum Failure {
+    Answer {
+        status: StatusCode,
+        headers: http::HeaderMap,
+        body: Bytes,
+    },
+    Error(ApiError),
+}
+
+/// Bytes of a failed answer kept for the client in case every later attempt fails too.
+const MAX_FAILED_ANSWER_BYTES: usize = 64 * 1024;
 
 impl Proxy {
     pub fn new(
@@ -77,6 +143,7 @@ impl Proxy {
             max_body_bytes: config.server.max_body_bytes,
             request_timeout: Duration::from_millis(config.server.request_timeout_ms),
             metering_bytes: config.storage.max_capture_bytes.max(MIN_METERING_BYTES),
+            cache: ResponseCache::new(&config.cache),
         }
     }
 
@@ -149,6 +216,14 @@ impl Proxy {
             self.passthrough_call(parts, &body, &context, draft)?
         };
         draft.trace.run_id = run_identity(&draft.trace).id();
+        if endpoint.takes_model() {
+            if let Some(hit) = self
+                .consult_cache(parts, &body, &call, &context, draft)
+                .await
+            {
+                return Ok(hit);
+            }
+        }
         self.forward(parts, call, draft).await
     }
 
@@ -248,25 +323,25 @@ impl Proxy {
         draft.trace.sampling = fields.sampling();
         let stream = fields.stream();
         draft.trace.stream = stream;
-        let route = self.router.resolve(model)?;
-        draft.trace.provider = Some(route.provider.name().to_owned());
-        draft.trace.served_model = Some(route.model.clone());
-        let streams_usage = matches!(
-            draft.endpoint,
-            Endpoint::ChatCompletions | Endpoint::Completions
-        );
-        let ask_usage = stream
-            && streams_usage
-            && !fields.client_asked_for_usage()
-            && route.provider.supports_stream_usage();
-        let renamed = (route.model != model).then_some(route.model.as_str());
-        let upstream_body =
-            request::rewrite(body, renamed, ask_usage, fields.stream_options.is_some())?;
+        let plan = self.router.plan(model)?;
+        if let Some(route) = plan.first() {
+            draft.trace.provider = Some(route.provider.name().to_owned());
+            draft.trace.served_model = Some(route.model.clone());
+        }
+        draft.trace.model_group = plan.group.clone();
         Ok(Call {
-            route,
-            upstream_body,
+            plan,
+            body: body.clone(),
+            rewrite: Some(Rewrite {
+                requested: model.to_owned(),
+                streams_usage: matches!(
+                    draft.endpoint,
+                    Endpoint::ChatCompletions | Endpoint::Completions
+                ),
+                has_stream_options: fields.stream_options.is_some(),
+            }),
             stream,
-            drop_usage_chunk: ask_usage,
+            client_usage: fields.client_asked_for_usage(),
         })
     }
 
@@ -313,52 +388,243 @@ impl Proxy {
             draft.trace.served_model = Some(route.model.clone());
         }
         Ok(Call {
-            route,
-            upstream_body: body.clone(),
+            plan: Plan::single(route),
+            body: body.clone(),
+            rewrite: None,
             stream: false,
-            drop_usage_chunk: false,
+            client_usage: false,
         })
     }
 
+    /// Answers from the cache, or — on a miss the cache may keep — hands the draft the fill
+    /// its finish hook completes. `None`: call the provider.
+    async fn consult_cache(
+        &self,
+        parts: &Parts,
+        body: &Bytes,
+        call: &Call,
+        context: &RequestContext,
+        draft: &mut Draft,
+    ) -> Option<Response<ResponseBody>> {
+        let cache = self.cache.as_ref()?;
+        if context.cache == cache::Directive::Bypass
+            || !cache.admits(draft.endpoint, &draft.trace.sampling)
+        {
+            return None;
+        }
+        let (provider, model) = call.identity()?;
+        let key = cache.key(&KeyInput {
+            endpoint: draft.endpoint,
+            provider,
+            model,
+            body,
+            credential: call.forwards_client_key().then_some(&parts.headers),
+        })?;
+        let deadline = tokio::time::Instant::from_std(draft.started() + self.request_timeout);
+        match cache.lookup(key, context.cache, deadline).await {
+            Lookup::Bypass => None,
+            Lookup::Miss(fill) => {
+                draft.trace.cache = cache::MISS.into();
+                draft.cache_fill = Some(fill);
+                None
+            }
+            Lookup::Hit(entry) => {
+                match replay::to_client(&entry, draft.endpoint, call.stream, call.client_usage) {
+                    Ok(answer) => Some(self.serve_hit(&entry, answer, call, body, draft)),
+                    Err(err) => {
+                        tracing::warn!(trace_id = %draft.trace.id, error = %err, "cached answer not replayable; calling the provider");
+                        draft.trace.cache = cache::MISS.into();
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve_hit(
+        &self,
+        entry: &cache::Entry,
+        answer: Bytes,
+        call: &Call,
+        body: &Bytes,
+        draft: &mut Draft,
+    ) -> Response<ResponseBody> {
+        let content_type = if call.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        let mut response = response::with_content_type(StatusCode::OK, answer, content_type);
+        draft.trace.cache = cache::HIT.into();
+        draft.trace.status = StatusCode::OK.as_u16();
+        let elapsed = draft.started().elapsed();
+        if call.stream {
+            draft.trace.latency.ttft_ms = Some(elapsed.as_secs_f64() * 1000.0);
+        }
+        add_trace_headers(&mut response, &draft.trace);
+        draft.request_body = Bytes::copy_from_slice(body);
+        // The recorder reads usage from the answer as it was stored.
+        let stored = Captured::whole(
+            self.metering_bytes,
+            entry.sse,
+            entry.body.clone(),
+            elapsed.as_micros() as u64,
+        );
+        draft.finish(stored);
+        response
+    }
+
+    /// Calls the plan's deployments in order — with retries, backoff and circuit breakers for
+    /// `[[models]]` routes — until one answers with something that is not worth retrying, and
+    /// streams that answer. Nothing reaches the client before that choice is made.
     async fn forward(
         &self,
         parts: &Parts,
         call: Call,
         draft: &mut Draft,
     ) -> Result<Response<ResponseBody>, ApiError> {
-        let provider = call.route.provider.clone();
+        let deadline = tokio::time::Instant::from_std(draft.started() + self.request_timeout);
+        let groups = self.router.groups();
+        let candidates = &call.plan.candidates;
+        let mut failure: Option<Failure> = None;
+        let mut wait_hint: Option<Duration> = None;
+        draft.upstream_started = Some(std::time::Instant::now());
+        for (index, candidate) in candidates.iter().enumerate() {
+            if !groups.admit(candidate) {
+                draft.attempt(&candidate.route, None, Some("circuit_open"), Duration::ZERO);
+                continue;
+            }
+            let (body, drop_usage_chunk) = call.body_for(&candidate.route)?;
+            for retry in 0..=call.plan.retries {
+                if retry > 0 {
+                    let wait = wait_hint
+                        .take()
+                        .unwrap_or_else(|| groups.policy.backoff(retry));
+                    if tokio::time::Instant::now() + wait >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                let last =
+                    retry == call.plan.retries && !groups.any_available(&candidates[index + 1..]);
+                let sent = std::time::Instant::now();
+                let request = self.upstream_request(
+                    parts,
+                    draft.endpoint,
+                    &candidate.route,
+                    &body,
+                    call.stream,
+                );
+                let provider = &candidate.route.provider;
+                let upstream = match tokio::time::timeout_at(deadline, provider.send(request)).await
+                {
+                    Err(_) => {
+                        draft.attempt(&candidate.route, None, Some("timeout"), sent.elapsed());
+                        return Err(ApiError::gateway_timeout(format!(
+                            "provider {:?} did not answer within server.request_timeout_ms ({} ms)",
+                            provider.name(),
+                            self.request_timeout.as_millis()
+                        )));
+                    }
+                    Ok(Err(err)) => {
+                        groups.record(candidate, false);
+                        let error = err.into_api_error(provider.name());
+                        draft.attempt(&candidate.route, None, Some(error.code), sent.elapsed());
+                        failure = Some(Failure::Error(error));
+                        continue;
+                    }
+                    Ok(Ok(upstream)) => upstream,
+                };
+                let retryable = crate::routing::is_retryable(upstream.status);
+                groups.record(candidate, !retryable);
+                draft.attempt(
+                    &candidate.route,
+                    Some(upstream.status),
+                    None,
+                    sent.elapsed(),
+                );
+                if !retryable || last {
+                    return Ok(self.respond(
+                        candidate,
+                        body,
+                        upstream,
+                        drop_usage_chunk,
+                        draft,
+                        deadline,
+                    ));
+                }
+                wait_hint = crate::routing::retry_after(&upstream.headers);
+                failure = Some(keep_failure(upstream, deadline).await);
+            }
+        }
+        match failure {
+            Some(Failure::Answer {
+                status,
+                headers,
+                body: answer,
+            }) => {
+                let route = candidates.last().map(|c| &c.route);
+                let kept = crate::providers::UpstreamResponse {
+                    status,
+                    headers,
+                    body: response::full(answer),
+                };
+                Ok(self.respond_failed(route, kept, draft, deadline))
+            }
+            Some(Failure::Error(error)) => Err(error),
+            None => {
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "deployments_unavailable",
+                    "every deployment of this model has its circuit open after repeated failures; retry after the cool-down",
+                );
+                error.retry_after_secs =
+                    Some(groups.soonest_reopening(candidates).as_secs().max(1));
+                Err(error)
+            }
+        }
+    }
+
+    fn upstream_request(
+        &self,
+        parts: &Parts,
+        endpoint: Endpoint,
+        route: &Route,
+        body: &Bytes,
+        stream: bool,
+    ) -> UpstreamRequest {
         let path = parts.uri.path();
         let suffix = path.strip_prefix("/v1").unwrap_or(path);
         let path_and_query = match parts.uri.query() {
             Some(query) => format!("{suffix}?{query}"),
             None => suffix.to_owned(),
         };
-        let upstream_request = UpstreamRequest {
-            endpoint: draft.endpoint,
+        UpstreamRequest {
+            endpoint,
             method: parts.method.clone(),
             path_and_query,
             headers: headers::for_upstream(parts.headers.clone()),
-            body: call.upstream_body.clone(),
-            model: (!call.route.model.is_empty()).then(|| call.route.model.clone()),
-            stream: call.stream,
-        };
+            body: body.clone(),
+            model: (!route.model.is_empty()).then(|| route.model.clone()),
+            stream,
+        }
+    }
+
+    /// The answer of the attempt that serves the call, streamed to the client.
+    fn respond(
+        &self,
+        candidate: &crate::routing::Candidate,
+        sent_body: Bytes,
+        upstream: crate::providers::UpstreamResponse,
+        drop_usage_chunk: bool,
+        draft: &mut Draft,
+        deadline: tokio::time::Instant,
+    ) -> Response<ResponseBody> {
+        draft.serve_from(&candidate.route);
         // Kept for the trace as a copy: the body is a slice of the client connection's read
         // buffer, which the recorder would otherwise pin until it runs.
-        draft.request_body = Bytes::copy_from_slice(&call.upstream_body);
-        let deadline = tokio::time::Instant::from_std(draft.started() + self.request_timeout);
-        draft.upstream_started = Some(std::time::Instant::now());
-        let upstream =
-            match tokio::time::timeout_at(deadline, provider.send(upstream_request)).await {
-                Err(_) => {
-                    return Err(ApiError::gateway_timeout(format!(
-                        "provider {:?} did not answer within server.request_timeout_ms ({} ms)",
-                        provider.name(),
-                        self.request_timeout.as_millis()
-                    )))
-                }
-                Ok(Err(err)) => return Err(err.into_api_error(provider.name())),
-                Ok(Ok(upstream)) => upstream,
-            };
+        draft.request_body = Bytes::copy_from_slice(&sent_body);
         draft.trace.status = upstream.status.as_u16();
         if !upstream.status.is_success() {
             draft.fail(
@@ -366,12 +632,23 @@ impl Proxy {
                 format!("the upstream answered {}", upstream.status),
             );
         }
+        self.stream_back(upstream, drop_usage_chunk, draft, deadline)
+    }
+
+    /// The response head now, and the body as it arrives, metered.
+    fn stream_back(
+        &self,
+        upstream: crate::providers::UpstreamResponse,
+        drop_usage_chunk: bool,
+        draft: &mut Draft,
+        deadline: tokio::time::Instant,
+    ) -> Response<ResponseBody> {
         let sse = upstream
             .headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let drop_usage_chunk = call.drop_usage_chunk && sse;
+        let drop_usage_chunk = drop_usage_chunk && sse;
         let mut response = Response::new(response::empty());
         *response.status_mut() = upstream.status;
         // An SSE body is re-cut at event boundaries (and may lose a chunk): no fixed length.
@@ -384,7 +661,29 @@ impl Proxy {
             drop_usage_chunk,
             tokio::time::sleep_until(deadline),
         );
-        Ok(response.map(|_| body.boxed()))
+        response.map(|_| body.boxed())
+    }
+
+    /// Every attempt failed: the client gets the last failed answer as the provider sent it.
+    fn respond_failed(
+        &self,
+        route: Option<&Route>,
+        upstream: crate::providers::UpstreamResponse,
+        draft: &mut Draft,
+        deadline: tokio::time::Instant,
+    ) -> Response<ResponseBody> {
+        if let Some(route) = route {
+            draft.serve_from(route);
+        }
+        draft.trace.status = upstream.status.as_u16();
+        draft.fail(
+            "upstream_http",
+            format!(
+                "every attempt failed; the last answered {}",
+                upstream.status
+            ),
+        );
+        self.stream_back(upstream, false, draft, deadline)
     }
 
     /// `GET /v1/models`: the mock's models and each OpenAI-compatible upstream's own list,
@@ -471,6 +770,27 @@ impl Proxy {
     }
 }
 
+/// Reads a failed answer (bounded, within the deadline) so its connection is released while
+/// other attempts run, and the client can still get it if they all fail.
+async fn keep_failure(
+    upstream: crate::providers::UpstreamResponse,
+    deadline: tokio::time::Instant,
+) -> Failure {
+    let status = upstream.status;
+    let read = collect_at_most(upstream.body, MAX_FAILED_ANSWER_BYTES);
+    let body = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Some(body)) => Bytes::from(body),
+        _ => Bytes::new(),
+    };
+    let mut headers = upstream.headers;
+    headers.remove(http::header::CONTENT_LENGTH);
+    Failure::Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
 /// A model list larger than this is not one.
 const MAX_MODEL_LIST_BYTES: usize = 4 * 1024 * 1024;
 
@@ -502,7 +822,7 @@ fn run_identity(trace: &Trace) -> RunIdentity<'_> {
     RunIdentity {
         experiment: &trace.experiment,
         run_name: trace.run_name.as_deref(),
-        provider: trace.provider.as_deref().unwrap_or(""),
+        provider: crate::runs::run_provider(trace),
         model: crate::runs::run_model(trace),
         prompt_id: trace.prompt_id.as_deref(),
         prompt_version: trace.prompt_version.as_deref(),
@@ -529,4 +849,10 @@ fn add_trace_headers(response: &mut Response<ResponseBody>, trace: &Trace) {
     if let Ok(value) = HeaderValue::from_str(&run_id) {
         headers.insert(RUN_ID_HEADER, value);
     }
+    let cache = match trace.cache.as_str() {
+        cache::HIT => cache::HIT,
+        cache::MISS => cache::MISS,
+        _ => cache::BYPASS,
+    };
+    headers.insert(CACHE_HEADER, HeaderValue::from_static(cache));
 }

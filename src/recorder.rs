@@ -395,6 +395,10 @@ impl Recorder {
             let provider = trace.provider.as_deref().unwrap_or("");
             trace.cost_usd = self.pricing.cost(provider, &model, tokens);
         }
+        if trace.cache == crate::cache::HIT {
+            // Nothing was spent: the provider made this answer for an earlier call.
+            trace.cost_saved_usd = trace.cost_usd.replace(0.0);
+        }
         explain_error(&mut trace, &answer);
         record_parse_failure(&mut trace, &event, &answer);
         if self.settings.capture == Capture::Full {

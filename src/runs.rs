@@ -216,6 +216,9 @@ pub struct Run {
     /// Sum of the known costs; requests without a price add nothing (see `priced_requests`).
     pub cost_usd: f64,
     pub priced_requests: u64,
+    /// What cache hits would have cost at the provider.
+    #[serde(default)]
+    pub cost_saved_usd: f64,
     #[serde(default)]
     pub guardrails: BTreeMap<String, GuardrailCounts>,
     #[serde(default)]
@@ -243,7 +246,7 @@ impl Run {
             id: trace.run_id.clone(),
             experiment: trace.experiment.clone(),
             name: trace.run_name.clone(),
-            provider: trace.provider.clone().unwrap_or_default(),
+            provider: run_provider(trace).to_owned(),
             model: run_model(trace).to_owned(),
             prompt_id: trace.prompt_id.clone(),
             prompt_version: trace.prompt_version.clone(),
@@ -263,6 +266,7 @@ impl Run {
             cached_input_tokens: 0,
             cost_usd: 0.0,
             priced_requests: 0,
+            cost_saved_usd: 0.0,
             guardrails: BTreeMap::new(),
             scores: BTreeMap::new(),
         };
@@ -321,6 +325,9 @@ impl Run {
             self.cost_usd += cost;
             self.priced_requests += 1;
         }
+        if let Some(saved) = trace.cost_saved_usd.filter(|saved| saved.is_finite()) {
+            self.cost_saved_usd += saved;
+        }
     }
 
     /// The run as the admin API serves it.
@@ -355,9 +362,11 @@ impl Run {
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
             cached_input_tokens: self.cached_input_tokens,
+            provider_cache_hit_rate: ratio(self.cached_input_tokens, self.input_tokens),
             cost_usd: (self.priced_requests > 0).then_some(self.cost_usd),
             cost_per_request_usd: (self.priced_requests > 0)
                 .then(|| self.cost_usd / self.priced_requests as f64),
+            cost_saved_usd: self.cost_saved_usd,
             guardrails: self
                 .guardrails
                 .iter()
@@ -372,11 +381,23 @@ impl Run {
     }
 }
 
+/// The provider a run is about: for a `[[models]]` call the router itself, whichever deployment
+/// served it.
+pub fn run_provider(trace: &Trace) -> &str {
+    if trace.model_group.is_some() {
+        return crate::routing::GROUP_PROVIDER;
+    }
+    trace.provider.as_deref().unwrap_or("")
+}
+
 /// The model a run is about, as its identity uses it: the model a provider was asked for
 /// (the served model, else what the client named for pass-through calls). A call rejected
 /// before routing has no provider and counts under the model "": a client making up model
 /// names must not make up runs.
 pub fn run_model(trace: &Trace) -> &str {
+    if let Some(group) = &trace.model_group {
+        return group;
+    }
     if trace.provider.is_none() {
         return "";
     }
@@ -459,10 +480,16 @@ pub struct RunMetrics {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_input_tokens: u64,
+    /// Share of input tokens the provider served from its prompt cache.
+    #[serde(default)]
+    pub provider_cache_hit_rate: f64,
     /// `None` when no request had a known price.
     pub cost_usd: Option<f64>,
     /// Cost over the priced requests only.
     pub cost_per_request_usd: Option<f64>,
+    /// What the response cache's hits would have cost at the provider.
+    #[serde(default)]
+    pub cost_saved_usd: f64,
     pub guardrails: BTreeMap<String, GuardrailView>,
     pub scores: BTreeMap<String, ScoreView>,
 }

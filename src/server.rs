@@ -332,7 +332,8 @@ impl App {
     /// With a token: the bearer token must match. Without one: loopback clients only.
     fn authorize(&self, request: &Request<Incoming>, peer: SocketAddr) -> Result<(), ApiError> {
         let Some(token) = &self.admin_token else {
-            if peer.ip().is_loopback() {
+            // An IPv4 client of a dual-stack listener shows up as ::ffff:127.0.0.1.
+            if peer.ip().to_canonical().is_loopback() {
                 return Ok(());
             }
             return Err(ApiError::new(

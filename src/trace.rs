@@ -40,6 +40,12 @@ pub struct Trace {
     pub requested_model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_model: Option<String>,
+    /// The `[[models]]` name the client called, when it was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_group: Option<String>,
+    /// Every deployment tried for a `[[models]]` call, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
     /// `chat.completions`, `completions`, `embeddings`, `responses`, `models` or `passthrough`.
     pub endpoint: String,
     pub method: String,
@@ -60,6 +66,9 @@ pub struct Trace {
     /// USD; `None` when the model has no price (never a made-up 0).
     #[serde(default)]
     pub cost_usd: Option<f64>,
+    /// A cache hit: what the answer cost when the provider made it (`cost_usd` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_saved_usd: Option<f64>,
     /// `hit`, `miss` or `bypass`.
     pub cache: String,
     #[serde(default)]
@@ -73,6 +82,23 @@ pub struct Trace {
     /// Response body (for streams: the assembled answer); absent with `capture = "metadata"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_body: Option<Captured>,
+}
+
+/// One try of one deployment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Attempt {
+    pub provider: String,
+    pub model: String,
+    /// What the deployment answered; `None` when it was not reached (or skipped).
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// `upstream_unreachable`, `timeout`, `circuit_open`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Until the answer's head arrived.
+    pub ms: f64,
+    /// This attempt's answer went to the client.
+    pub served: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -217,6 +217,61 @@ async fn admin_token_is_required_when_set() {
     );
 }
 
+/// This host's address on its default route: a peer that is not loopback.
+fn non_loopback_address() -> std::net::IpAddr {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+    // Connecting a UDP socket sends nothing; it only picks the source address of the route.
+    socket
+        .connect("198.51.100.1:9")
+        .expect("this test needs a non-loopback interface with a default route");
+    let address = socket.local_addr().expect("local address").ip();
+    assert!(!address.is_loopback(), "{address}");
+    address
+}
+
+#[tokio::test]
+async fn without_a_token_the_admin_api_refuses_peers_that_are_not_loopback() {
+    let upstream = Upstream::start(|_| Reply::Json(200, chat_completion("a", 1, 1))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let host = non_loopback_address();
+    // (server settings, admin status from the remote peer)
+    for (server, remote_admin_status) in [("", 403), ("admin_token = \"s3cret\"", 200)] {
+        let gateway =
+            TestGateway::start_on("0.0.0.0:0", dir.path(), &upstream.base_url(), server, "").await;
+        let port = gateway.gateway.as_ref().unwrap().addr.port();
+        let remote = format!("http://{host}:{port}");
+        let bearer = [("authorization", "Bearer s3cret")];
+        for path in ["/api/v1/runs", "/metrics"] {
+            let reply = send(Method::GET, &format!("{remote}{path}"), &bearer, "").await;
+            assert_eq!(
+                reply.status,
+                remote_admin_status,
+                "{server:?} {path}: {}",
+                reply.text()
+            );
+            if remote_admin_status == 403 {
+                reply.assert_error(403, "admin_loopback_only");
+            }
+            let local = send(Method::GET, &format!("{}{path}", gateway.url), &bearer, "").await;
+            assert_eq!(local.status, 200, "loopback, {server:?} {path}");
+        }
+        // Client traffic is served to any peer; its key never opens the admin API.
+        let chat = send(
+            Method::POST,
+            &format!("{remote}/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer sk-client"),
+            ],
+            &json!({"model": "gpt-4o-mini", "messages": []}).to_string(),
+        )
+        .await;
+        assert_eq!(chat.status, 200, "{}", chat.text());
+        let mut gateway = gateway;
+        gateway.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn the_cli_reads_the_admin_api() {
     let upstream = Upstream::start(|_| Reply::Json(200, chat_completion("a", 5, 5))).await;

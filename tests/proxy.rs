@@ -554,12 +554,7 @@ async fn a_client_that_leaves_before_the_answer_leaves_exactly_one_cancelled_tra
     .await;
     assert_eq!(trace["status"], 499);
     assert_eq!(trace["error_class"], "cancelled");
-    let run = gateway
-        .admin(&format!(
-            "/api/v1/runs/{}",
-            trace["run_id"].as_str().unwrap()
-        ))
-        .await;
+    let run = gateway.run_of(&trace).await;
     assert_eq!(
         run["metrics"]["requests"], 1,
         "exactly one trace for the call"

@@ -25,8 +25,9 @@ pub struct Flags {
     /// Closed-loop workers, and requests sent at once to warm up before a phase [default: 16].
     #[arg(long)]
     concurrency: Option<usize>,
-    /// Run only these parts (comma-separated): nonstream and stream are the open-loop scenarios,
-    /// closed is the closed loop (streamed and not).
+    /// Run only these parts (comma-separated): nonstream and stream are the open-loop scenarios
+    /// (every request different: response-cache misses), cached sends one request over and over
+    /// (cache hits), closed is the closed loop (streamed and not).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
     /// Also measure LiteLLM's proxy (installed into .peer-venv on first use: minutes).
@@ -74,6 +75,7 @@ pub struct Flags {
 pub enum Part {
     Nonstream,
     Stream,
+    Cached,
     Closed,
 }
 
@@ -123,7 +125,7 @@ impl Flags {
             );
         }
         let parts = match self.only.is_empty() {
-            true => vec![Part::Nonstream, Part::Stream, Part::Closed],
+            true => vec![Part::Nonstream, Part::Stream, Part::Cached, Part::Closed],
             false => self.only,
         };
         Ok(Settings {

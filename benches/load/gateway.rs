@@ -32,7 +32,19 @@ impl Flowgate {
         let config = dir.path().join("flowgate.toml");
         std::fs::write(&config, config_text(port, dir.path(), mock_port))
             .map_err(|err| format!("{}: {err}", config.display()))?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flowgate"));
+        // FLOWGATE_BENCH_WRAPPER runs the gateway under a profiler, e.g.
+        // "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out" (use low rates then).
+        let wrapper = std::env::var("FLOWGATE_BENCH_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(env!("CARGO_BIN_EXE_flowgate"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_flowgate")),
+        };
+        let startup = if wrapper.is_empty() { 60 } else { 600 };
         command
             .arg("serve")
             .arg("--config")
@@ -46,7 +58,11 @@ impl Flowgate {
         let mut guard = ChildGuard::spawn("flowgate", command, &dir.path().join("flowgate.log"))?;
         let base = format!("http://127.0.0.1:{port}");
         let took = guard
-            .wait_healthy(client, &format!("{base}/healthz"), Duration::from_secs(60))
+            .wait_healthy(
+                client,
+                &format!("{base}/healthz"),
+                Duration::from_secs(startup),
+            )
             .await?;
         eprintln!("flowgate (pid {}) healthy after {took:.1?}", guard.pid());
         Ok(Flowgate {

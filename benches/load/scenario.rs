@@ -26,11 +26,16 @@ pub struct Scenario {
     pub experiment: String,
     pub load: Load,
     pub stream: bool,
+    /// The same request every time: after the first, flowgate answers from its cache.
+    pub repeat: bool,
 }
 
 impl Scenario {
     fn new(load: Load, stream: bool) -> Scenario {
-        let kind = if stream { "stream" } else { "nonstream" };
+        Scenario::named(load, stream, if stream { "stream" } else { "nonstream" })
+    }
+
+    fn named(load: Load, stream: bool, kind: &str) -> Scenario {
         let (name, slug) = match load {
             Load::Open { rate } => (format!("{kind} {rate}/s"), format!("{kind}-open-{rate}")),
             Load::Closed { workers } => (
@@ -43,6 +48,7 @@ impl Scenario {
             experiment: format!("load-{slug}"),
             load,
             stream,
+            repeat: false,
         }
     }
 }
@@ -55,6 +61,12 @@ pub fn plan(settings: &Settings) -> Vec<Scenario> {
             let loads = settings.rates.iter().map(|&rate| Load::Open { rate });
             scenarios.extend(loads.map(|load| Scenario::new(load, stream)));
         }
+    }
+    if settings.parts.contains(&Part::Cached) {
+        scenarios.extend(settings.rates.iter().map(|&rate| Scenario {
+            repeat: true,
+            ..Scenario::named(Load::Open { rate }, false, "cached")
+        }));
     }
     if settings.parts.contains(&Part::Closed) {
         let load = Load::Closed {
@@ -123,6 +135,8 @@ impl Bench<'_> {
         let bodies = Bodies {
             size: settings.request_bytes,
             stream: scenario.stream,
+            repeat: scenario.repeat,
+            salt: scenario.experiment.clone(),
         };
         let client = workload::client(pool);
         let caller = Caller::new(

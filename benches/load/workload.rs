@@ -68,11 +68,15 @@ pub struct Expect {
     pub chunks: u32,
 }
 
-/// Chat request bodies of about `size` bytes, different for each request index.
+/// Chat request bodies of about `size` bytes, different for each request index unless `repeat`.
+/// Temperature 0 makes every call one the response cache looks up (and, unless `repeat`, misses).
 #[derive(Clone, Debug)]
 pub struct Bodies {
     pub size: usize,
     pub stream: bool,
+    pub repeat: bool,
+    /// Makes every scenario's bodies its own: no scenario hits answers another one cached.
+    pub salt: String,
 }
 
 const WORDS: [&str; 16] = [
@@ -82,13 +86,14 @@ const WORDS: [&str; 16] = [
 
 impl Bodies {
     pub fn body(&self, index: u64) -> Bytes {
+        let index = if self.repeat { 0 } else { index };
         let head = format!(
             concat!(
-                r#"{{"model":"gpt-4o-mini","stream":{},"messages":["#,
+                r#"{{"model":"gpt-4o-mini","stream":{},"temperature":0,"messages":["#,
                 r#"{{"role":"system","content":"You are a concise assistant."}},"#,
-                r#"{{"role":"user","content":"request {}:"#
+                r#"{{"role":"user","content":"request {} of {}:"#
             ),
-            self.stream, index
+            self.stream, index, self.salt
         );
         const TAIL: &str = r#""}]}"#;
         let mut body = String::with_capacity(self.size + 16);

@@ -65,6 +65,8 @@ pub struct Draft {
     pub run_id_fallback: fn(&Trace) -> String,
     /// Counts this call against `server.max_in_flight` until it ends.
     pub in_flight: Option<InFlight>,
+    /// This call's answer may fill the response cache (and release identical calls waiting).
+    pub cache_fill: Option<crate::cache::Fill>,
     done: bool,
 }
 
@@ -96,6 +98,7 @@ impl Draft {
             upstream_ended: None,
             run_id_fallback,
             in_flight: None,
+            cache_fill: None,
             done: false,
         }
     }
@@ -113,6 +116,7 @@ impl Draft {
             upstream_ended: None,
             run_id_fallback: self.run_id_fallback,
             in_flight: None,
+            cache_fill: None,
             done: true,
         };
         std::mem::replace(self, shell)
@@ -120,6 +124,37 @@ impl Draft {
 
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Notes one try of a deployment (only for `[[models]]` routes: a plain route's single try
+    /// is the trace itself).
+    pub fn attempt(
+        &mut self,
+        route: &crate::providers::Route,
+        status: Option<http::StatusCode>,
+        error: Option<&str>,
+        took: Duration,
+    ) {
+        if self.trace.model_group.is_none() {
+            return;
+        }
+        self.trace.attempts.push(crate::trace::Attempt {
+            provider: route.provider.name().to_owned(),
+            model: route.model.clone(),
+            status: status.map(|s| s.as_u16()),
+            error: error.map(str::to_owned),
+            ms: ms(took),
+            served: false,
+        });
+    }
+
+    /// The deployment whose answer the client gets.
+    pub fn serve_from(&mut self, route: &crate::providers::Route) {
+        self.trace.provider = Some(route.provider.name().to_owned());
+        self.trace.served_model = Some(route.model.clone());
+        if let Some(last) = self.trace.attempts.last_mut() {
+            last.served = true;
+        }
     }
 
     pub fn fail(&mut self, class: &str, message: impl Into<String>) {
@@ -158,6 +193,15 @@ impl Draft {
         self.trace.ended_at_ms = self.trace.started_at_ms + total.as_millis() as u64;
         if self.trace.run_id.is_empty() {
             self.trace.run_id = (self.run_id_fallback)(&self.trace);
+        }
+        if let Some(fill) = self.cache_fill.take() {
+            let complete = (200..300).contains(&self.trace.status)
+                && self.trace.error.is_none()
+                && !response.cut;
+            fill.complete(complete.then(|| crate::cache::Entry {
+                body: response.joined(),
+                sse: response.sse,
+            }));
         }
         self.recorder.record(TraceEvent {
             trace: std::mem::take(&mut self.trace),
@@ -215,6 +259,28 @@ impl Captured {
             limit,
             sse,
             ..Captured::default()
+        }
+    }
+
+    /// A whole answer that arrived at once (from the cache).
+    pub fn whole(limit: usize, sse: bool, bytes: Bytes, at_us: u64) -> Captured {
+        let mut captured = Captured::new(limit, sse);
+        captured.push(at_us, bytes);
+        captured
+    }
+
+    /// The kept bytes in one piece (without a copy when they are one frame).
+    fn joined(&self) -> Bytes {
+        match self.frames.len() {
+            0 => Bytes::new(),
+            1 => self.frames[0].1.clone(),
+            _ => {
+                let mut out = BytesMut::with_capacity(self.bytes);
+                self.frames
+                    .iter()
+                    .for_each(|(_, frame)| out.extend_from_slice(frame));
+                out.freeze()
+            }
         }
     }
 

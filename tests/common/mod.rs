@@ -48,6 +48,8 @@ impl Seen {
 /// What the mock upstream answers.
 pub enum Reply {
     Json(u16, Value),
+    /// JSON with extra response headers.
+    JsonWithHeaders(u16, Vec<(&'static str, &'static str)>, Value),
     Raw {
         status: u16,
         content_type: &'static str,
@@ -169,6 +171,15 @@ async fn answer(
     Ok(match reply {
         Reply::Json(status, value) => {
             full(status, "application/json", value.to_string().into_bytes())
+        }
+        Reply::JsonWithHeaders(status, headers, value) => {
+            let mut response = full(status, "application/json", value.to_string().into_bytes());
+            for (name, value) in headers {
+                response
+                    .headers_mut()
+                    .insert(name, http::HeaderValue::from_static(value));
+            }
+            response
         }
         Reply::Raw {
             status,
@@ -328,10 +339,21 @@ impl TestGateway {
         server: &str,
         extra: &str,
     ) -> TestGateway {
+        Self::start_on("127.0.0.1:0", data_dir, upstream_url, server, extra).await
+    }
+
+    /// As [`start_in`], listening on `listen` (the URL still names the port on loopback).
+    pub async fn start_on(
+        listen: &str,
+        data_dir: &Path,
+        upstream_url: &str,
+        server: &str,
+        extra: &str,
+    ) -> TestGateway {
         let text = format!(
             r#"
 [server]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 {server}
 
 [storage]
@@ -357,7 +379,7 @@ models = ["mock/*"]
             Config::from_toml(&text, Source::BuiltIn).unwrap_or_else(|e| panic!("{e}\n{text}"));
         config.validate().unwrap();
         let gateway = Gateway::start(&config).await.unwrap();
-        let url = format!("http://{}", gateway.addr);
+        let url = format!("http://127.0.0.1:{}", gateway.addr.port());
         TestGateway {
             gateway: Some(gateway),
             url,
@@ -376,6 +398,12 @@ models = ["mock/*"]
         let reply = send(Method::GET, &format!("{}{path}", self.url), &[], "").await;
         assert_eq!(reply.status, StatusCode::OK, "GET {path}: {}", reply.text());
         reply.json()
+    }
+
+    /// The run a stored trace belongs to.
+    pub async fn run_of(&self, trace: &Value) -> Value {
+        let id = trace["run_id"].as_str().expect("the trace names its run");
+        self.admin(&format!("/api/v1/runs/{id}")).await
     }
 
     pub async fn trace(&self, id: &str) -> Value {

@@ -1,0 +1,619 @@
+//! The exact-match response cache: which calls may be answered from it, their key, lookup with
+//! request coalescing, and filling it from a finished answer.
+//!
+//! Entries live in a byte-bounded moka cache with a TTL. A miss that may fill the cache makes
+//! its caller the *leader* for that key: identical calls arriving meanwhile wait for the
+//! leader's answer instead of calling the provider again. The leader's [`Fill`] is completed by
+//! the call's finish hook — with the whole answer when it was a complete 2xx, else with nothing,
+//! which releases the waiters to call the provider themselves. A `Fill` dropped unfinished
+//! releases them too, so a waiter never waits for a leader that is gone.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::config::{CacheConfig, CacheMode};
+use crate::providers::Endpoint;
+
+pub mod replay;
+
+pub const HIT: &str = "hit";
+pub const MISS: &str = "miss";
+pub const BYPASS: &str = "bypass";
+
+/// The client's `x-flowgate-cache` directive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Directive {
+    #[default]
+    Auto,
+    /// Neither read nor write.
+    Bypass,
+    /// Skip the read, write the fresh answer.
+    Refresh,
+}
+
+impl Directive {
+    pub fn parse(value: &str) -> Option<Directive> {
+        match value.to_ascii_lowercase().as_str() {
+            "auto" => Some(Directive::Auto),
+            "bypass" => Some(Directive::Bypass),
+            "refresh" => Some(Directive::Refresh),
+            _ => None,
+        }
+    }
+}
+
+/// 128 bits of two independently keyed SipHashes: collisions are out of reach, and the keys are
+/// secret to this process, so a client cannot craft a request that lands on another's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key(u64, u64);
+
+/// A stored answer: the provider's bytes as they came, JSON or SSE.
+#[derive(Debug)]
+pub struct Entry {
+    pub body: Bytes,
+    pub sse: bool,
+}
+
+/// Bytes an entry costs beyond its body (key, Arc, moka's bookkeeping), for the weigher.
+const ENTRY_OVERHEAD: usize = 128;
+
+/// `None` while the leader is working; then its answer, or `None` when it got none to share.
+type Outcome = Option<Option<Arc<Entry>>>;
+
+type Pending = Arc<Mutex<HashMap<Key, watch::Receiver<Outcome>>>>;
+
+/// What the cache says about one call.
+pub enum Lookup {
+    /// Not served from, nor stored in, the cache.
+    Bypass,
+    Hit(Arc<Entry>),
+    /// Call the provider; complete the fill with the answer (a fill may be a no-op).
+    Miss(Fill),
+}
+
+/// What identifies a call for the cache, beyond its body.
+pub struct KeyInput<'a> {
+    pub endpoint: Endpoint,
+    pub provider: &'a str,
+    /// The model as the provider is asked for it (after routing).
+    pub model: &'a str,
+    pub body: &'a [u8],
+    /// The client's own credential headers, when they are what the provider sees: tenants
+    /// behind one gateway never share an entry.
+    pub credential: Option<&'a HeaderMap>,
+}
+
+pub struct ResponseCache {
+    entries: moka::future::Cache<Key, Arc<Entry>>,
+    pending: Pending,
+    mode: CacheMode,
+    max_entry_bytes: usize,
+    hash_keys: (
+        std::collections::hash_map::RandomState,
+        std::collections::hash_map::RandomState,
+    ),
+}
+
+/// Request fields that choose how an answer is delivered, not what it says.
+const NOT_IN_KEY: [&str; 3] = ["model", "stream", "stream_options"];
+
+/// Headers that carry a client's own key to the provider.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+impl ResponseCache {
+    /// `None` when the cache is switched off.
+    pub fn new(config: &CacheConfig) -> Option<ResponseCache> {
+        if !config.enabled || config.mode == CacheMode::Off {
+            return None;
+        }
+        let max_bytes = config.max_bytes;
+        let entries = moka::future::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_key: &Key, entry: &Arc<Entry>| {
+                u32::try_from(entry.body.len() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+            })
+            .time_to_live(Duration::from_secs(config.ttl_seconds))
+            .build();
+        Some(ResponseCache {
+            entries,
+            pending: Arc::default(),
+            mode: config.mode,
+            // One answer may not take more than an eighth of the cache (nor what a weight holds).
+            max_entry_bytes: usize::try_from(max_bytes / 8)
+                .unwrap_or(usize::MAX)
+                .min(u32::MAX as usize - ENTRY_OVERHEAD),
+            hash_keys: Default::default(),
+        })
+    }
+
+    /// Whether the mode lets this call use the cache at all. Responses are never cached: the
+    /// API is stateful (`previous_response_id`, stored responses with unique ids).
+    pub fn admits(
+        &self,
+        endpoint: Endpoint,
+        sampling: &std::collections::BTreeMap<String, Value>,
+    ) -> bool {
+        match endpoint {
+            Endpoint::Embeddings => true,
+            Endpoint::ChatCompletions | Endpoint::Completions => match self.mode {
+                CacheMode::All => true,
+                CacheMode::Off => false,
+                CacheMode::Deterministic => is_deterministic(sampling),
+            },
+            _ => false,
+        }
+    }
+
+    /// The key of a call, or `None` when its body is not a JSON object (never cached, never an
+    /// error because of the cache).
+    pub fn key(&self, input: &KeyInput<'_>) -> Option<Key> {
+        let body: Value = serde_json::from_slice(input.body).ok()?;
+        let object = body.as_object()?;
+        let mut first = self.hash_keys.0.build_hasher();
+        let mut second = self.hash_keys.1.build_hasher();
+        for hasher in [&mut first, &mut second] {
+            input.endpoint.as_str().hash(hasher);
+            input.provider.hash(hasher);
+            input.model.hash(hasher);
+            for (name, value) in object
+                .iter()
+                .filter(|(k, _)| !NOT_IN_KEY.contains(&k.as_str()))
+            {
+                name.hash(hasher);
+                hash_value(value, hasher);
+            }
+            if let Some(headers) = input.credential {
+                for name in CREDENTIAL_HEADERS {
+                    name.hash(hasher);
+                    headers.get(name).map(|v| v.as_bytes()).hash(hasher);
+                }
+            }
+        }
+        Some(Key(first.finish(), second.finish()))
+    }
+
+    /// Reads the cache for `key` as `directive` says, waiting for an identical call in flight
+    /// (until `deadline`) rather than calling the provider twice.
+    pub async fn lookup(
+        &self,
+        key: Key,
+        directive: Directive,
+        deadline: tokio::time::Instant,
+    ) -> Lookup {
+        match directive {
+            Directive::Bypass => return Lookup::Bypass,
+            Directive::Refresh => return Lookup::Miss(self.fill(key, None)),
+            Directive::Auto => {}
+        }
+        if let Some(entry) = self.entries.get(&key).await {
+            return Lookup::Hit(entry);
+        }
+        let waiting = {
+            let mut pending = lock(&self.pending);
+            match pending.get(&key) {
+                Some(receiver) => Err(receiver.clone()),
+                None => {
+                    let (sender, receiver) = watch::channel(None);
+                    pending.insert(key, receiver);
+                    Ok(sender)
+                }
+            }
+        };
+        match waiting {
+            Ok(sender) => {
+                // The previous leader may have stored its answer between our read and our claim.
+                if let Some(entry) = self.entries.get(&key).await {
+                    let fill = self.fill(key, Some(sender));
+                    fill.release(Some(entry.clone()));
+                    return Lookup::Hit(entry);
+                }
+                Lookup::Miss(self.fill(key, Some(sender)))
+            }
+            Err(mut receiver) => {
+                let outcome =
+                    tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await;
+                match outcome {
+                    Ok(Ok(answer)) => match answer.clone().flatten() {
+                        Some(entry) => Lookup::Hit(entry),
+                        // The leader got no answer to share: call the provider, and store what
+                        // comes back.
+                        None => Lookup::Miss(self.fill(key, None)),
+                    },
+                    Ok(Err(_)) | Err(_) => Lookup::Miss(self.fill(key, None)),
+                }
+            }
+        }
+    }
+
+    fn fill(&self, key: Key, leader: Option<watch::Sender<Outcome>>) -> Fill {
+        Fill {
+            key,
+            entries: self.entries.clone(),
+            pending: self.pending.clone(),
+            leader,
+            max_entry_bytes: self.max_entry_bytes,
+        }
+    }
+
+    /// Entries and their weight in bytes, after pending maintenance (for tests and `/metrics`).
+    pub async fn usage(&self) -> (u64, u64) {
+        self.entries.run_pending_tasks().await;
+        (self.entries.entry_count(), self.entries.weighted_size())
+    }
+}
+
+/// Temperature 0, or a seed: the provider is asked for a repeatable answer.
+fn is_deterministic(sampling: &std::collections::BTreeMap<String, Value>) -> bool {
+    let zero_temperature = sampling
+        .get("temperature")
+        .and_then(Value::as_f64)
+        .is_some_and(|t| t == 0.0);
+    let seeded = sampling.get("seed").is_some_and(|s| !s.is_null());
+    zero_temperature || seeded
+}
+
+/// Hashes a JSON value so that object key order does not matter (serde_json's map is sorted).
+fn hash_value(value: &Value, hasher: &mut impl Hasher) {
+    match value {
+        Value::Null => hasher.write_u8(0),
+        Value::Bool(b) => {
+            hasher.write_u8(1);
+            b.hash(hasher);
+        }
+        Value::Number(n) => {
+            hasher.write_u8(2);
+            if let Some(i) = n.as_i64() {
+                i.hash(hasher);
+            } else if let Some(u) = n.as_u64() {
+                u.hash(hasher);
+            } else if let Some(f) = n.as_f64() {
+                f.to_bits().hash(hasher);
+            }
+        }
+        Value::String(s) => {
+            hasher.write_u8(3);
+            s.hash(hasher);
+        }
+        Value::Array(items) => {
+            hasher.write_u8(4);
+            items.len().hash(hasher);
+            items.iter().for_each(|item| hash_value(item, hasher));
+        }
+        Value::Object(map) => {
+            hasher.write_u8(5);
+            map.len().hash(hasher);
+            for (name, item) in map {
+                name.hash(hasher);
+                hash_value(item, hasher);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The map stays consistent through a panic elsewhere: every change is one insert or remove.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The right to store one call's answer, and — for a leader — the duty to release the calls
+/// waiting for it.
+pub struct Fill {
+    key: Key,
+    entries: moka::future::Cache<Key, Arc<Entry>>,
+    pending: Pending,
+    leader: Option<watch::Sender<Outcome>>,
+    max_entry_bytes: usize,
+}
+
+impl Fill {
+    /// Called once the answer is known: `Some` for a complete 2xx answer worth storing.
+    pub fn complete(self, answer: Option<Entry>) {
+        let entry = answer
+            .filter(|entry| entry.body.len() <= self.max_entry_bytes && is_complete(entry))
+            .map(Arc::new);
+        match entry {
+            None => self.release(None),
+            Some(entry) => self.store(entry),
+        }
+    }
+
+    /// Waiters get the answer at once; the pending claim goes only after the entry is in the
+    /// cache, so that no call in between misses both and calls the provider again.
+    fn store(mut self, entry: Arc<Entry>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.release(None);
+        };
+        if let Some(sender) = &self.leader {
+            sender.send_replace(Some(Some(entry.clone())));
+        }
+        let entries = self.entries.clone();
+        let key = self.key;
+        runtime.spawn(async move {
+            entries.insert(key, entry).await;
+            self.release_claim();
+        });
+    }
+
+    fn release(mut self, answer: Option<Arc<Entry>>) {
+        if let Some(sender) = self.release_claim() {
+            sender.send_replace(Some(answer));
+        }
+    }
+
+    /// Gives up the leader's claim on the key (only its own: a later leader's stays).
+    fn release_claim(&mut self) -> Option<watch::Sender<Outcome>> {
+        let sender = self.leader.take()?;
+        let mut pending = lock(&self.pending);
+        if pending
+            .get(&self.key)
+            .is_some_and(|receiver| receiver.same_channel(&sender.subscribe()))
+        {
+            pending.remove(&self.key);
+        }
+        Some(sender)
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if let Some(sender) = self.release_claim() {
+            if sender.borrow().is_none() {
+                sender.send_replace(Some(None));
+            }
+        }
+    }
+}
+
+/// A stream is worth replaying only when it ended properly, with `[DONE]`.
+fn is_complete(entry: &Entry) -> bool {
+    if !entry.sse {
+        return !entry.body.is_empty();
+    }
+    let trimmed = entry.body.trim_ascii_end();
+    trimmed.ends_with(b"data: [DONE]") || trimmed.ends_with(b"data:[DONE]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(mode: CacheMode) -> ResponseCache {
+        ResponseCache::new(&CacheConfig {
+            mode,
+            ..CacheConfig::default()
+        })
+        .expect("enabled")
+    }
+
+    fn key_of(cache: &ResponseCache, body: &str, credential: Option<&HeaderMap>) -> Option<Key> {
+        cache.key(&KeyInput {
+            endpoint: Endpoint::ChatCompletions,
+            provider: "openai",
+            model: "gpt-4o-mini",
+            body: body.as_bytes(),
+            credential,
+        })
+    }
+
+    #[test]
+    fn key_ignores_key_order_and_delivery_fields_but_not_content() {
+        let cache = cache(CacheMode::All);
+        let base = key_of(
+            &cache,
+            r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+            None,
+        );
+        let cases = [
+            (
+                r#"{"temperature":0,"messages":[{"content":"hi","role":"user"}],"model":"b"}"#,
+                true,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":0,"stream":true,"stream_options":{"include_usage":true}}"#,
+                true,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"hi!"}],"temperature":0}"#,
+                false,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":0,"max_tokens":5}"#,
+                false,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":0.0001}"#,
+                false,
+            ),
+        ];
+        assert!(base.is_some());
+        for (body, same) in cases {
+            assert_eq!(key_of(&cache, body, None) == base, same, "{body}");
+        }
+    }
+
+    #[test]
+    fn key_separates_credentials_and_refuses_non_objects() {
+        let cache = cache(CacheMode::All);
+        let body = r#"{"model":"a","messages":[]}"#;
+        let mut alice = HeaderMap::new();
+        alice.insert("authorization", "Bearer sk-alice".parse().expect("header"));
+        let mut bob = HeaderMap::new();
+        bob.insert("authorization", "Bearer sk-bob".parse().expect("header"));
+        assert_ne!(
+            key_of(&cache, body, Some(&alice)),
+            key_of(&cache, body, Some(&bob))
+        );
+        assert_eq!(
+            key_of(&cache, body, Some(&alice)),
+            key_of(&cache, body, Some(&alice))
+        );
+        for bad in ["not json", "[1,2]", "\"text\"", ""] {
+            assert_eq!(key_of(&cache, bad, None), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn deterministic_mode_admits_temperature_zero_seed_and_embeddings() {
+        let cache = cache(CacheMode::Deterministic);
+        let sampling = |json: &str| -> std::collections::BTreeMap<String, Value> {
+            serde_json::from_str(json).expect("json")
+        };
+        let cases = [
+            (Endpoint::ChatCompletions, r#"{"temperature":0}"#, true),
+            (Endpoint::ChatCompletions, r#"{"temperature":0.0}"#, true),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"temperature":0.7,"seed":4}"#,
+                true,
+            ),
+            (Endpoint::ChatCompletions, r#"{"temperature":0.7}"#, false),
+            (Endpoint::ChatCompletions, r#"{}"#, false),
+            (Endpoint::ChatCompletions, r#"{"seed":null}"#, false),
+            (Endpoint::Completions, r#"{"temperature":0}"#, true),
+            (Endpoint::Embeddings, r#"{}"#, true),
+            (Endpoint::Responses, r#"{"temperature":0}"#, false),
+            (Endpoint::Passthrough, r#"{"temperature":0}"#, false),
+        ];
+        for (endpoint, json, admitted) in cases {
+            assert_eq!(
+                cache.admits(endpoint, &sampling(json)),
+                admitted,
+                "{endpoint:?} {json}"
+            );
+        }
+        let all = super::tests::cache(CacheMode::All);
+        assert!(all.admits(
+            Endpoint::ChatCompletions,
+            &sampling(r#"{"temperature":1.2}"#)
+        ));
+    }
+
+    #[test]
+    fn only_finished_streams_are_complete() {
+        let sse = |body: &'static str| Entry {
+            body: Bytes::from_static(body.as_bytes()),
+            sse: true,
+        };
+        assert!(is_complete(&sse("data: {}\n\ndata: [DONE]\n\n")));
+        assert!(!is_complete(&sse("data: {}\n\n")));
+        assert!(!is_complete(&Entry {
+            body: Bytes::new(),
+            sse: false
+        }));
+    }
+
+    #[test]
+    fn directive_parses_case_insensitively() {
+        assert_eq!(Directive::parse("BYPASS"), Some(Directive::Bypass));
+        assert_eq!(Directive::parse("refresh"), Some(Directive::Refresh));
+        assert_eq!(Directive::parse("auto"), Some(Directive::Auto));
+        assert_eq!(Directive::parse("sometimes"), None);
+    }
+
+    /// A cache with one call in flight that leads for its key.
+    async fn led() -> (ResponseCache, Key, tokio::time::Instant, Fill) {
+        let cache = cache(CacheMode::All);
+        let key = key_of(&cache, r#"{"messages":[]}"#, None).expect("key");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let Lookup::Miss(leader) = cache.lookup(key, Directive::Auto, deadline).await else {
+            panic!("first call must lead");
+        };
+        (cache, key, deadline, leader)
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_goes_away_releases_its_waiters() {
+        let (cache, key, deadline, leader) = led().await;
+        let waiter = cache.lookup(key, Directive::Auto, deadline);
+        let drop_leader = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(leader);
+        };
+        let (outcome, ()) = tokio::join!(waiter, drop_leader);
+        assert!(
+            matches!(outcome, Lookup::Miss(_)),
+            "the waiter calls the provider itself"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stored_answer_answers_waiters_and_later_calls() {
+        let (cache, key, deadline, leader) = led().await;
+        let waiter = cache.lookup(key, Directive::Auto, deadline);
+        let finish = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            leader.complete(Some(Entry {
+                body: Bytes::from_static(b"{\"ok\":true}"),
+                sse: false,
+            }));
+        };
+        let (outcome, ()) = tokio::join!(waiter, finish);
+        assert!(matches!(outcome, Lookup::Hit(ref e) if &e.body[..] == b"{\"ok\":true}"));
+        // The insert runs on a spawned task; a later call finds the entry.
+        let mut later = cache.lookup(key, Directive::Auto, deadline).await;
+        for _ in 0..100 {
+            if matches!(later, Lookup::Hit(_)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            later = cache.lookup(key, Directive::Auto, deadline).await;
+        }
+        assert!(matches!(later, Lookup::Hit(_)));
+        assert!(matches!(
+            cache.lookup(key, Directive::Bypass, deadline).await,
+            Lookup::Bypass
+        ));
+        assert!(matches!(
+            cache.lookup(key, Directive::Refresh, deadline).await,
+            Lookup::Miss(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_cache_full_of_large_answers_stays_inside_max_bytes() {
+        let max_bytes = 1024 * 1024;
+        let cache = ResponseCache::new(&CacheConfig {
+            max_bytes,
+            mode: CacheMode::All,
+            ..CacheConfig::default()
+        })
+        .expect("enabled");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let answer = Bytes::from(vec![b'x'; 100 * 1024]);
+        for n in 0..50 {
+            let key = key_of(&cache, &format!(r#"{{"n":{n}}}"#), None).expect("key");
+            let Lookup::Miss(fill) = cache.lookup(key, Directive::Auto, deadline).await else {
+                panic!("a new key misses");
+            };
+            fill.complete(Some(Entry {
+                body: answer.clone(),
+                sse: false,
+            }));
+        }
+        // An answer over an eighth of the cache is not stored at all.
+        let key = key_of(&cache, r#"{"n":"huge"}"#, None).expect("key");
+        if let Lookup::Miss(fill) = cache.lookup(key, Directive::Auto, deadline).await {
+            fill.complete(Some(Entry {
+                body: Bytes::from(vec![b'y'; 200 * 1024]),
+                sse: false,
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (entries, bytes) = cache.usage().await;
+        assert!(bytes <= max_bytes, "{bytes} bytes in {entries} entries");
+        assert!(entries >= 5, "the cache still holds answers: {entries}");
+        assert!(matches!(
+            cache.lookup(key, Directive::Auto, deadline).await,
+            Lookup::Miss(_)
+        ));
+    }
+}
