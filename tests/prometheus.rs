@@ -241,7 +241,7 @@ struct Prometheus {
     child: Child,
     url: String,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Prometheus {
@@ -265,38 +265,33 @@ impl Prometheus {
         );
         let config_file = dir.path().join("prometheus.yml");
         std::fs::write(&config_file, config).unwrap();
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap().port()
-        };
-        let log = dir.path().join("prometheus.log");
-        let child = Command::new(tool("prometheus"))
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--enable-feature=exemplar-storage")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("prometheus did not start");
+        let (child, url, log) = launch(dir.path(), &config_file);
         let mut prometheus = Prometheus {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url,
             log,
-            _dir: dir,
+            dir,
         };
-        prometheus.wait_until_ready().await;
-        prometheus
+        // The port was free when probed; another process may take it before Prometheus binds.
+        for _ in 0..3 {
+            match prometheus.wait_until_ready().await {
+                Ok(()) => return prometheus,
+                Err(log) if log.contains("address already in use") => {
+                    let (child, url, log) = launch(prometheus.dir.path(), &config_file);
+                    (prometheus.child, prometheus.url, prometheus.log) = (child, url, log);
+                }
+                Err(log) => panic!("prometheus did not start: {log}"),
+            }
+        }
+        panic!("prometheus found no free port:\n{}", prometheus.log());
     }
 
-    async fn wait_until_ready(&mut self) {
+    /// Ready to answer queries; `Err` with its log when it exited or did not get ready in time.
+    async fn wait_until_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("prometheus exited ({status}):\n{}", self.log());
+                return Err(format!("exited ({status}):\n{}", self.log()));
             }
             let ready = tokio::time::timeout(
                 Duration::from_secs(1),
@@ -309,13 +304,11 @@ impl Prometheus {
             )
             .await;
             if matches!(ready, Ok(Ok(ref response)) if response.status() == 200) {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus not ready:\n{}",
-                self.log()
-            );
+            if Instant::now() > deadline {
+                return Err(format!("not ready after 30 s:\n{}", self.log()));
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -324,7 +317,7 @@ impl Prometheus {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `GET /api/v1/{path}?{params}`, returning `data`; an error answer fails the test.
+    /// `GET /api/v1/{path}?{params}`: its `data`, or the whole answer when it is not a success.
     async fn api(&self, path: &str, params: &[(&str, &str)]) -> Result<Value, String> {
         let query: Vec<String> = params
             .iter()
@@ -379,6 +372,28 @@ impl Prometheus {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Starts Prometheus on a free port with its data and log in `dir`: the child, its URL, its log.
+fn launch(dir: &Path, config_file: &Path) -> (Child, String, PathBuf) {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let log = dir.join(format!("prometheus-{port}.log"));
+    let child = Command::new(tool("prometheus"))
+        .arg(format!("--config.file={}", config_file.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--enable-feature=exemplar-storage")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("prometheus did not start");
+    (child, format!("http://127.0.0.1:{port}"), log)
 }
 
 /// Percent-encodes a query parameter value.
