@@ -40,37 +40,13 @@ fn llm_latency() -> LatencyHistogram {
 /// most 5/3 apart, against 2 for doubling): finer where the gateway's own time lives — the load
 /// benchmark measures a p50 of single-digit µs — so a quantile read from it is off by at most a
 /// factor of 5/3 instead of 2.
+#[rustfmt::skip]
 const OVERHEAD_BUCKETS: [f64; 31] = [
-    0.000_001,
-    0.000_001_5,
-    0.000_002,
-    0.000_003,
-    0.000_005,
-    0.000_007, //
-    0.000_01,
-    0.000_015,
-    0.000_02,
-    0.000_03,
-    0.000_05,
-    0.000_07, //
-    0.000_1,
-    0.000_15,
-    0.000_2,
-    0.000_3,
-    0.000_5,
-    0.000_7, //
-    0.001,
-    0.001_5,
-    0.002,
-    0.003,
-    0.005,
-    0.007, //
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.07, //
+    0.000_001, 0.000_001_5, 0.000_002, 0.000_003, 0.000_005, 0.000_007,
+    0.000_01,  0.000_015,   0.000_02,  0.000_03,  0.000_05,  0.000_07,
+    0.000_1,   0.000_15,    0.000_2,   0.000_3,   0.000_5,   0.000_7,
+    0.001,     0.001_5,     0.002,     0.003,     0.005,     0.007,
+    0.01,      0.015,       0.02,      0.03,      0.05,      0.07,
     0.1,
 ];
 
@@ -98,7 +74,7 @@ pub struct Metrics {
     pub ttft: HistogramFamily<CallLabels>,
     pub tokens: Family<TokenLabels, Counter>,
     pub cost: Family<CallLabels, CostCounter>,
-    /// Response-cache lookups by result, from each trace's `cache` field.
+    /// Calls by how the response cache treated them, from each trace's `cache` field.
     pub cache_requests: Family<CacheLabels, Counter>,
     /// Guardrail checks by verdict, from each trace's `guardrails`.
     pub guardrail_checks: Family<GuardrailLabels, Counter>,
@@ -186,7 +162,7 @@ impl Metrics {
         );
         r.register(
             "flowgate_cache_requests",
-            "Response cache lookups by result (hit, miss, bypass)",
+            "Calls by how the response cache treated them (hit, miss, bypass)",
             self.cache_requests.clone(),
         );
         r.register(
