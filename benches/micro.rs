@@ -6,7 +6,7 @@
 //!   routing, reading and rewriting the body, run identity, header cleaning);
 //! - `response_path/…`: what `MeteredBody` does per forwarded SSE frame;
 //! - `recorder/…`: what the recorder thread does per finished call (usage, aggregation, cost,
-//!   trace encoding).
+//!   metrics, trace encoding).
 //!
 //! - `cache/…`: the response cache's key of a 1 KB request, and a whole hit of a 1 KB answer
 //!   (key, lookup, replay in the stored shape and as a stream).
@@ -32,6 +32,7 @@ use flowgate::proxy::headers::for_upstream;
 use flowgate::proxy::request::{rewrite, RequestFields};
 use flowgate::runs::{Run, RunIdentity};
 use flowgate::sse::is_usage_only_chunk;
+use flowgate::telemetry::{Metrics, MetricsWriter};
 use flowgate::trace::{
     Captured, GuardrailVerdict, Latency, ParentSpan, Score, Trace, TraceError, Usage,
 };
@@ -485,6 +486,14 @@ fn recorder(c: &mut Criterion) {
     let trace = trace();
     let mut run = Run::from_first(&trace);
     group.bench_function("run/observe", |b| b.iter(|| run.observe(black_box(&trace))));
+
+    // Every metric of a call whose label sets were seen before: found through cached handles.
+    let metrics = Metrics::new();
+    let mut writer = MetricsWriter::new(100);
+    writer.observe(&metrics, &trace);
+    group.bench_function("metrics/observe", |b| {
+        b.iter(|| writer.observe(&metrics, black_box(&trace)))
+    });
 
     // The store writes a codec byte then JSON; this is the JSON part, bodies included.
     let encoded = serde_json::to_vec(&trace).expect("trace encodes");

@@ -25,7 +25,7 @@ use crate::proxy::Proxy;
 use crate::recorder::{self, RecorderControl, RecorderSettings};
 use crate::response::{self, ResponseBody};
 use crate::store::{SledStore, Store};
-use crate::telemetry::{Metrics, RejectLabels};
+use crate::telemetry::{Exposition, Metrics, RejectLabels};
 
 /// Admin request bodies are small JSON documents.
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
@@ -358,7 +358,7 @@ impl App {
                 return err.into_response();
             }
             if path == "/metrics" {
-                return self.metrics_page();
+                return self.metrics_page(&request);
             }
             return self.admin(request).await;
         }
@@ -398,14 +398,16 @@ impl App {
         }
     }
 
-    fn metrics_page(&self) -> Response<ResponseBody> {
+    fn metrics_page(&self, request: &Request<Incoming>) -> Response<ResponseBody> {
         self.metrics
             .queue_depth
             .set(self.admin.recorder.queue_depth() as i64);
+        let accept = request.headers().get(http::header::ACCEPT);
+        let format = Exposition::negotiate(accept.and_then(|v| v.to_str().ok()));
         response::with_content_type(
             StatusCode::OK,
-            self.metrics.encode(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            self.metrics.encode(format),
+            format.content_type(),
         )
     }
 

@@ -182,7 +182,7 @@ async fn metrics_follow_the_contract_and_healthz_answers() {
         .text();
     for needle in [
         r#"flowgate_requests_total{experiment="qa",prompt_version="v1",provider="openai",model="gpt-4o-mini",status="200"} 1"#,
-        r#"flowgate_tokens_total{experiment="qa",provider="openai",model="gpt-4o-mini",kind="input"} 5"#,
+        r#"flowgate_tokens_total{experiment="qa",prompt_version="v1",provider="openai",model="gpt-4o-mini",kind="input"} 5"#,
         "flowgate_cost_usd_total{",
         "flowgate_overhead_seconds_count 1",
         "flowgate_upstream_duration_seconds_count{",

@@ -48,8 +48,8 @@ impl Scrape {
     }
 
     /// The q-quantile of the overhead in milliseconds, interpolated linearly inside its bucket as
-    /// Prometheus' `histogram_quantile` does. The buckets double, so this is an estimate within a
-    /// factor of two; `None` when nothing was observed.
+    /// Prometheus' `histogram_quantile` does. Neighbouring bounds are at most 5/3 apart, so this
+    /// is an estimate within that factor; `None` when nothing was observed.
     pub fn overhead_quantile_ms(&self, q: f64) -> Option<f64> {
         let total = self.overhead.last()?.1;
         if total <= 0.0 {
