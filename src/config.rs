@@ -64,6 +64,8 @@ pub struct Config {
     /// USD per 1M tokens, overriding the bundled table entry by entry.
     #[serde(default)]
     pub pricing: BTreeMap<String, Price>,
+    #[serde(default)]
+    pub guardrails: Vec<crate::guardrails::GuardrailConfig>,
     #[serde(skip)]
     pub source: Option<Source>,
 }
@@ -240,6 +242,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             providers: vec![mock_provider()],
             pricing: BTreeMap::new(),
+            guardrails: Vec::new(),
             source: Some(Source::BuiltIn),
         }
     }
@@ -401,6 +404,8 @@ impl Config {
                 )));
             }
         }
+        crate::guardrails::Guardrails::from_config(&self.guardrails)
+            .map_err(|err| self.invalid(err.to_string()))?;
         Ok(())
     }
 
