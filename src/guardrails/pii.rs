@@ -91,7 +91,7 @@ fn rules_of(kind: &str) -> Vec<(String, Validate)> {
             // North America: (415) 555-2671, 415-555-2671, 415.555.2671, 1-415-555-2671.
             (
                 format!(
-                    r"(?:{B}1[ .-]?)?(?:\([2-9][0-9]{{2}}\) ?|{B}[2-9][0-9]{{2}}[ .-])[0-9]{{3}}[ .-][0-9]{{4}}{B}"
+                    r"(?:{B}1[ .-]?)?(?:\([0-9]{{3}}\) ?|{B}[0-9]{{3}}[ .-])[0-9]{{3}}[ .-][0-9]{{4}}{B}"
                 ),
                 national,
             ),
@@ -341,15 +341,17 @@ fn ipv4(text: &str, span: Range<usize>) -> Option<Range<usize>> {
     let version_mark = matches!(before, Some('v' | 'V'))
         || (before == Some('/')
             && char_before(text, span.start - 1).is_some_and(|c| c.is_ascii_alphanumeric()));
+    // The word just before (`version 1.0.0.1`, `firmware: 4.2.0.17`).
     let lead = text
-        .get(span.start.saturating_sub(16)..span.start)
+        .get(span.start.saturating_sub(24)..span.start)
+        .unwrap_or_default();
+    let previous_word = lead
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .rfind(|word| !word.is_empty())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let version_word = [
-        "version", "ver.", "ver ", "release", "build", "firmware", "v. ",
-    ]
-    .iter()
-    .any(|word| lead.contains(word));
+    let version_word = ["version", "ver", "v", "release", "build", "firmware", "rev"]
+        .contains(&previous_word.as_str());
     (!longer && !version_mark && !version_word).then_some(span)
 }
 
