@@ -71,6 +71,8 @@ pub struct Config {
     /// USD per 1M tokens, overriding the bundled table entry by entry.
     #[serde(default)]
     pub pricing: BTreeMap<String, Price>,
+    #[serde(default)]
+    pub guardrails: Vec<crate::guardrails::GuardrailConfig>,
     #[serde(skip)]
     pub source: Option<Source>,
 }
@@ -332,6 +334,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             models: Vec::new(),
             pricing: BTreeMap::new(),
+            guardrails: Vec::new(),
             source: Some(Source::BuiltIn),
         }
     }
@@ -499,6 +502,8 @@ impl Config {
                 )));
             }
         }
+        crate::guardrails::Guardrails::from_config(&self.guardrails)
+            .map_err(|err| self.invalid(err.to_string()))?;
         Ok(())
     }
 

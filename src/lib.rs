@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod guardrails;
 pub mod metering;
 pub mod providers;
 pub mod proxy;

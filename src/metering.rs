@@ -137,6 +137,13 @@ pub fn count_tokens(model: &str, text: &str) -> u64 {
     total
 }
 
+/// Counts with the tokenizer of current OpenAI models (o200k, loaded at start), whatever the
+/// model: for budgets checked on the request path, where loading another tokenizer would stall
+/// the call. Bounded like [`count_tokens`].
+pub fn count_tokens_o200k(text: &str) -> u64 {
+    count_tokens("gpt-4o", text)
+}
+
 /// Splits text into tokenizer-sized segments at whitespace, cutting pieces longer than
 /// `MAX_PIECE_BYTES` at character boundaries.
 fn segments(text: &str) -> Vec<&str> {
