@@ -301,6 +301,8 @@ fn trace() -> Trace {
         cache: "bypass".into(),
         guardrails: vec![GuardrailVerdict {
             guardrail: "pii".into(),
+            kind: "pii".into(),
+            stage: "input".into(),
             verdict: "pass".into(),
             matches: BTreeMap::new(),
             elapsed_us: 14,

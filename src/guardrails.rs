@@ -46,6 +46,26 @@ use verdict::micros;
 
 use crate::providers::Endpoint;
 
+/// Which guardrails of a stage to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    All,
+    /// Those that may change the call: `redact` and `block`.
+    Changing,
+    /// Those that only record a verdict: `log`.
+    Logging,
+}
+
+impl Which {
+    fn includes(self, rail: &Guardrail) -> bool {
+        match self {
+            Which::All => true,
+            Which::Changing => rail.action != Action::Log,
+            Which::Logging => rail.action == Action::Log,
+        }
+    }
+}
+
 /// The configured guardrails, compiled. Cloning shares them.
 #[derive(Clone, Default)]
 pub struct Guardrails {
@@ -101,6 +121,14 @@ impl Guardrails {
         self.rails.iter().any(|g| g.output)
     }
 
+    /// Some output guardrail may change an answer (redact or block): it must run before the
+    /// answer reaches the client. Output checks that only log run in the recorder.
+    pub fn changes_output(&self) -> bool {
+        self.rails
+            .iter()
+            .any(|g| g.output && g.action != Action::Log)
+    }
+
     /// What the answer to this request must be, for `json_output` (read only when such a
     /// guardrail is configured).
     pub fn expectation(&self, body: &[u8]) -> Expectation {
@@ -118,11 +146,29 @@ impl Guardrails {
     /// Runs the input guardrails on a request body. An error means the body's texts cannot be
     /// read (a repeated key, say): refuse it (400) rather than send it unchecked.
     pub fn check_request(&self, endpoint: Endpoint, body: &[u8]) -> Result<Checked, BodyError> {
-        if !self.checks_input() {
+        self.check_request_of(Which::All, endpoint, body)
+    }
+
+    /// As [`check_request`](Self::check_request), with only the guardrails `which` names: the
+    /// request path runs those that may change the call, the recorder those that only log.
+    pub fn check_request_of(
+        &self,
+        which: Which,
+        endpoint: Endpoint,
+        body: &[u8],
+    ) -> Result<Checked, BodyError> {
+        if !self.rails.iter().any(|g| g.input && which.includes(g)) {
             return Ok(Checked::default());
         }
         let leaves = body::request_leaves(endpoint, body)?;
-        Ok(self.run(Stage::Input, body, &leaves, &Expectation::default()))
+        Ok(self.run(which, Stage::Input, body, &leaves, &Expectation::default()))
+    }
+
+    /// Some input guardrail may change the call (redact or block): it runs on the request path.
+    pub fn changes_input(&self) -> bool {
+        self.rails
+            .iter()
+            .any(|g| g.input && Which::Changing.includes(g))
     }
 
     /// Runs the output guardrails on a whole (non-streamed) answer body. An error means the
@@ -137,7 +183,7 @@ impl Guardrails {
             return Ok(Checked::default());
         }
         let leaves = body::answer_leaves(endpoint, body)?;
-        Ok(self.run(Stage::Output, body, &leaves, expect))
+        Ok(self.run(Which::All, Stage::Output, body, &leaves, expect))
     }
 
     /// A scanner for a streamed answer; `None` when no guardrail checks answers.
@@ -145,7 +191,14 @@ impl Guardrails {
         StreamGuard::new(self.clone(), expect)
     }
 
-    fn run(&self, stage: Stage, body: &[u8], leaves: &[Leaf], expect: &Expectation) -> Checked {
+    fn run(
+        &self,
+        which: Which,
+        stage: Stage,
+        body: &[u8],
+        leaves: &[Leaf],
+        expect: &Expectation,
+    ) -> Checked {
         let mut checked = Checked::default();
         let mut redactions: Vec<(usize, Redaction)> = Vec::new();
         for rail in self.rails.iter() {
@@ -153,7 +206,7 @@ impl Guardrails {
                 Stage::Input => rail.input,
                 Stage::Output => rail.output,
             };
-            if !runs {
+            if !runs || !which.includes(rail) {
                 continue;
             }
             let started = Instant::now();

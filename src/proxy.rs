@@ -21,6 +21,7 @@ use crate::cache::{self, replay, KeyInput, Lookup, ResponseCache};
 use crate::config::{Config, ProviderKind};
 use crate::context::RequestContext;
 use crate::error::ApiError;
+use crate::guardrails::{Expectation, Guardrails, Which};
 use crate::providers::{mock, Endpoint, Route, Router, UpstreamRequest};
 use crate::recorder::RecorderHandle;
 use crate::response::{self, ResponseBody};
@@ -29,6 +30,7 @@ use crate::runs::RunIdentity;
 use crate::trace::Trace;
 
 pub mod body;
+pub mod guard;
 pub mod headers;
 pub mod request;
 
@@ -54,6 +56,7 @@ pub struct Proxy {
     request_timeout: Duration,
     metering_bytes: usize,
     cache: Option<ResponseCache>,
+    guardrails: Guardrails,
 }
 
 /// What the proxy learnt from a request: where it may go, and how its body is prepared for each
@@ -67,6 +70,8 @@ struct Call {
     stream: bool,
     /// The client asked for the usage chunk of a stream.
     client_usage: bool,
+    /// Set when output guardrails that may change the answer must run before it is sent.
+    output_check: Option<Expectation>,
 }
 
 /// What a model call's body may need changed for a deployment.
@@ -131,6 +136,7 @@ impl Proxy {
     pub fn new(
         config: &Config,
         router: Router,
+        guardrails: Guardrails,
         recorder: RecorderHandle,
         rejected: Counter,
     ) -> Proxy {
@@ -144,6 +150,7 @@ impl Proxy {
             request_timeout: Duration::from_millis(config.server.request_timeout_ms),
             metering_bytes: config.storage.max_capture_bytes.max(MIN_METERING_BYTES),
             cache: ResponseCache::new(&config.cache),
+            guardrails,
         }
     }
 
@@ -192,7 +199,17 @@ impl Proxy {
                 draft.fail(error.class(), error.message.clone());
                 let mut response = error.into_response();
                 add_trace_headers(&mut response, &draft.trace);
-                draft.finish(Captured::default());
+                let answered = match draft.blocked_answer.take() {
+                    // Read for its usage (the provider billed it); never stored.
+                    Some(answer) => Captured::whole(
+                        self.metering_bytes,
+                        false,
+                        answer,
+                        draft.started().elapsed().as_micros() as u64,
+                    ),
+                    None => Captured::default(),
+                };
+                draft.finish(answered);
                 response
             }
         }
@@ -221,10 +238,7 @@ impl Proxy {
         };
         draft.trace.run_id = run_identity(&draft.trace).id();
         if endpoint.takes_model() {
-            if let Some(hit) = self
-                .consult_cache(parts, &body, &call, &context, draft)
-                .await
-            {
+            if let Some(hit) = self.consult_cache(parts, &call, &context, draft).await {
                 return Ok(hit);
             }
         }
@@ -333,9 +347,21 @@ impl Proxy {
             draft.trace.served_model = Some(route.model.clone());
         }
         draft.trace.model_group = plan.group.clone();
+        if stream && draft.endpoint == Endpoint::Responses && self.guardrails.changes_output() {
+            return Err(ApiError::invalid_request(
+                "guardrail_stream_unsupported",
+                "an output guardrail here redacts or blocks answers, which flowgate does not do on streamed Responses API answers yet: send stream=false, or use chat completions",
+            )
+            .with_param("stream"));
+        }
+        let body = self.check_input(body, draft)?;
         Ok(Call {
             plan,
-            body: body.clone(),
+            output_check: self
+                .guardrails
+                .changes_output()
+                .then(|| self.guardrails.expectation(&body)),
+            body,
             rewrite: Some(Rewrite {
                 requested: model.to_owned(),
                 streams_usage: matches!(
@@ -346,6 +372,40 @@ impl Proxy {
             }),
             stream,
             client_usage: fields.client_asked_for_usage(),
+        })
+    }
+
+    /// The input guardrails: a block ends the call here (no upstream call, no cost); a
+    /// redaction changes what goes upstream, what the cache keys on and what the trace keeps.
+    fn check_input(&self, body: &Bytes, draft: &mut Draft) -> Result<Bytes, ApiError> {
+        // Guardrails that only log change nothing: the recorder runs them, off the path.
+        if !self.guardrails.changes_input() {
+            return Ok(body.clone());
+        }
+        let checked = self
+            .guardrails
+            .check_request_of(Which::Changing, draft.endpoint, body)
+            .map_err(|err| {
+                ApiError::invalid_request(
+                    "unreadable_body",
+                    format!("the guardrails cannot read this request's texts: {err}"),
+                )
+            })?;
+        draft
+            .trace
+            .guardrails
+            .extend(checked.verdicts.iter().map(|v| v.to_trace()));
+        if let Some(blocked) = checked.blocked {
+            // What a guardrail refused is not kept.
+            draft.request_body = Bytes::new();
+            return Err(blocked.to_api_error());
+        }
+        Ok(match checked.rewritten {
+            Some(redacted) => {
+                draft.request_body = redacted.clone();
+                redacted
+            }
+            None => body.clone(),
         })
     }
 
@@ -397,6 +457,7 @@ impl Proxy {
             rewrite: None,
             stream: false,
             client_usage: false,
+            output_check: None,
         })
     }
 
@@ -405,7 +466,6 @@ impl Proxy {
     async fn consult_cache(
         &self,
         parts: &Parts,
-        body: &Bytes,
         call: &Call,
         context: &RequestContext,
         draft: &mut Draft,
@@ -417,6 +477,7 @@ impl Proxy {
             return None;
         }
         let (provider, model) = call.identity()?;
+        let body = &call.body;
         let key = cache.key(&KeyInput {
             endpoint: draft.endpoint,
             provider,
@@ -548,14 +609,12 @@ impl Proxy {
                     sent.elapsed(),
                 );
                 if !retryable || last {
-                    return Ok(self.respond(
-                        candidate,
-                        body,
-                        upstream,
-                        drop_usage_chunk,
-                        draft,
-                        deadline,
-                    ));
+                    let upstream = self.check_output(&call, upstream, draft, deadline).await?;
+                    draft.serve_from(&candidate.route);
+                    // Kept for the trace as a copy: the body is a slice of the client
+                    // connection's read buffer, which the recorder would otherwise pin.
+                    draft.request_body = Bytes::copy_from_slice(&body);
+                    return Ok(self.respond(&call, upstream, drop_usage_chunk, draft, deadline));
                 }
                 wait_hint = crate::routing::retry_after(&upstream.headers);
                 failure = Some(keep_failure(upstream, deadline).await);
@@ -615,20 +674,72 @@ impl Proxy {
         }
     }
 
+    /// Output guardrails that may redact or block run on a whole (non-streamed) 2xx answer
+    /// before any of it is sent. Answers too large to hold are refused rather than sent
+    /// unchecked.
+    async fn check_output(
+        &self,
+        call: &Call,
+        upstream: crate::providers::UpstreamResponse,
+        draft: &mut Draft,
+        deadline: tokio::time::Instant,
+    ) -> Result<crate::providers::UpstreamResponse, ApiError> {
+        let Some(expect) = &call.output_check else {
+            return Ok(upstream);
+        };
+        let sse = upstream
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if sse || !upstream.status.is_success() {
+            return Ok(upstream);
+        }
+        let read = collect_at_most(upstream.body, self.metering_bytes);
+        let answer = match tokio::time::timeout_at(deadline, read).await {
+            Ok(Some(answer)) => Bytes::from(answer),
+            _ => return Err(ApiError::bad_gateway(
+                "guardrail_unchecked",
+                "the answer could not be read whole, so the output guardrails could not check it",
+            )),
+        };
+        let mut headers = upstream.headers;
+        let Ok(checked) = self
+            .guardrails
+            .check_response(draft.endpoint, expect, &answer)
+        else {
+            // Not an answer with texts (an unexpected shape): nothing to check.
+            return Ok(rebuilt(upstream.status, headers, answer));
+        };
+        draft.output_checked = true;
+        draft
+            .trace
+            .guardrails
+            .extend(checked.verdicts.iter().map(|v| v.to_trace()));
+        if let Some(blocked) = checked.blocked {
+            // The provider made (and billed) the answer: the recorder still reads its usage.
+            draft.blocked_answer = Some(answer);
+            return Err(blocked.to_api_error());
+        }
+        let answer = match checked.rewritten {
+            Some(redacted) => {
+                headers.remove(http::header::CONTENT_LENGTH);
+                redacted
+            }
+            None => answer,
+        };
+        Ok(rebuilt(upstream.status, headers, answer))
+    }
+
     /// The answer of the attempt that serves the call, streamed to the client.
     fn respond(
         &self,
-        candidate: &crate::routing::Candidate,
-        sent_body: Bytes,
+        call: &Call,
         upstream: crate::providers::UpstreamResponse,
         drop_usage_chunk: bool,
         draft: &mut Draft,
         deadline: tokio::time::Instant,
     ) -> Response<ResponseBody> {
-        draft.serve_from(&candidate.route);
-        // Kept for the trace as a copy: the body is a slice of the client connection's read
-        // buffer, which the recorder would otherwise pin until it runs.
-        draft.request_body = Bytes::copy_from_slice(&sent_body);
         draft.trace.status = upstream.status.as_u16();
         if !upstream.status.is_success() {
             draft.fail(
@@ -636,14 +747,23 @@ impl Proxy {
                 format!("the upstream answered {}", upstream.status),
             );
         }
-        self.stream_back(upstream, drop_usage_chunk, draft, deadline)
+        let check = match (&call.output_check, upstream.status.is_success()) {
+            (Some(expect), true) => self
+                .guardrails
+                .stream(expect.clone())
+                .map(|guard| guard::StreamCheck::new(guard, draft.endpoint)),
+            _ => None,
+        };
+        self.stream_back(upstream, drop_usage_chunk, check, draft, deadline)
     }
 
-    /// The response head now, and the body as it arrives, metered.
+    /// The response head now, and the body as it arrives, metered (and checked, for a stream
+    /// that output guardrails may change).
     fn stream_back(
         &self,
         upstream: crate::providers::UpstreamResponse,
         drop_usage_chunk: bool,
+        check: Option<guard::StreamCheck>,
         draft: &mut Draft,
         deadline: tokio::time::Instant,
     ) -> Response<ResponseBody> {
@@ -664,7 +784,8 @@ impl Proxy {
             Captured::new(self.metering_bytes, sse),
             drop_usage_chunk,
             tokio::time::sleep_until(deadline),
-        );
+        )
+        .with_check(check);
         response.map(|_| body.boxed())
     }
 
@@ -687,7 +808,7 @@ impl Proxy {
                 upstream.status
             ),
         );
-        self.stream_back(upstream, false, draft, deadline)
+        self.stream_back(upstream, false, None, draft, deadline)
     }
 
     /// `GET /v1/models`: the mock's models and each OpenAI-compatible upstream's own list,
@@ -771,6 +892,18 @@ impl Proxy {
                 Vec::new()
             }
         }
+    }
+}
+
+fn rebuilt(
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> crate::providers::UpstreamResponse {
+    crate::providers::UpstreamResponse {
+        status,
+        headers,
+        body: response::full(body),
     }
 }
 

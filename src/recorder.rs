@@ -53,6 +53,8 @@ pub struct TraceEvent {
     /// µs from request start to the first response byte from upstream.
     pub first_byte_us: Option<u64>,
     pub response_is_sse: bool,
+    /// The output guardrails already ran on the request path (they could change the answer).
+    pub output_checked: bool,
 }
 
 impl TraceEvent {
@@ -166,6 +168,8 @@ pub struct RecorderSettings {
     pub queue_capacity: usize,
     pub queue_max_bytes: usize,
     pub max_label_values: usize,
+    /// Output checks that change nothing (`log`) run here, off the request path.
+    pub guardrails: crate::guardrails::Guardrails,
 }
 
 impl RecorderSettings {
@@ -177,6 +181,7 @@ impl RecorderSettings {
             queue_capacity: config.storage.queue_capacity,
             queue_max_bytes: config.storage.queue_max_bytes,
             max_label_values: config.metrics.max_label_values,
+            guardrails: crate::guardrails::Guardrails::default(),
         }
     }
 }
@@ -401,12 +406,83 @@ impl Recorder {
         }
         explain_error(&mut trace, &answer);
         record_parse_failure(&mut trace, &event, &answer);
+        self.check_input(&event, &mut trace);
+        self.check_output(&event, whole.as_deref(), &mut trace);
         if self.settings.capture == Capture::Full {
             let limit = self.settings.max_capture_bytes;
             trace.request_body = Some(Captured::of_bytes(&event.request_body, limit));
             trace.response_body = capture_answer(&event, &answer, whole.as_deref(), limit);
+            withhold_guarded(&mut trace);
         }
         trace
+    }
+
+    /// Input guardrails that only log run here rather than on the request path, on the body as
+    /// it went upstream.
+    fn check_input(&self, event: &TraceEvent, trace: &mut Trace) {
+        let texts = matches!(
+            event.endpoint,
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Responses
+                | Endpoint::Embeddings
+        );
+        let blocked = trace.guardrails.iter().any(|v| v.verdict == "blocked");
+        if !texts || blocked || event.request_body.is_empty() {
+            return;
+        }
+        let checked = self.settings.guardrails.check_request_of(
+            crate::guardrails::Which::Logging,
+            event.endpoint,
+            &event.request_body,
+        );
+        if let Ok(checked) = checked {
+            trace
+                .guardrails
+                .extend(checked.verdicts.iter().map(|v| v.to_trace()));
+        }
+    }
+
+    /// Output guardrails that only log, run here rather than on the request path: on the whole
+    /// answer, or on a stream's deltas in order (so a match split across chunks is found).
+    fn check_output(&self, event: &TraceEvent, whole: Option<&[u8]>, trace: &mut Trace) {
+        let guardrails = &self.settings.guardrails;
+        let answered = (200..300).contains(&trace.status) && !event.response.is_empty();
+        let texts = matches!(
+            event.endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses
+        );
+        if event.output_checked || !answered || !texts || !guardrails.checks_output() {
+            return;
+        }
+        let expect = guardrails.expectation(&event.request_body);
+        let verdicts = match whole {
+            Some(body) => match guardrails.check_response(event.endpoint, &expect, body) {
+                Ok(checked) => checked.verdicts,
+                Err(_) => return,
+            },
+            None => {
+                let Some(mut guard) = guardrails.stream(expect) else {
+                    return;
+                };
+                let mut events = crate::sse::EventSplitter::default();
+                for (_, frame) in &event.response {
+                    events.push(frame);
+                    while let Some(raw) = events.next_event() {
+                        let data = crate::sse::parse_event(&raw).data;
+                        let deltas =
+                            crate::guardrails::stream_deltas(event.endpoint, data.as_bytes());
+                        for delta in deltas.into_iter().flatten() {
+                            guard.push(delta.choice, &delta.text);
+                        }
+                    }
+                }
+                guard.finish().verdicts
+            }
+        };
+        trace
+            .guardrails
+            .extend(verdicts.iter().map(|v| v.to_trace()));
     }
 
     fn usage(
@@ -707,6 +783,31 @@ fn read_answer(event: &TraceEvent, whole: Option<&[u8]>) -> usage::Answer {
 }
 
 /// The answer as stored: the assembled text of a stream, or the response body.
+/// A secret a guardrail found is never stored, whatever the guardrail's action: a body in which
+/// the `secrets` check found something (and did not redact it) is kept as a note, not as text.
+/// So is an answer an output guardrail blocked.
+fn withhold_guarded(trace: &mut Trace) {
+    let found = |stage: &str| {
+        trace.guardrails.iter().any(|v| {
+            v.stage == stage
+                && ((v.kind == "secrets" && v.verdict == "flagged") || v.verdict == "blocked")
+        })
+    };
+    let (request, response) = (found("input"), found("output"));
+    let note = |what: &str| {
+        Some(Captured::text(
+            &format!("[withheld: a guardrail found a secret in the {what}, or blocked it]"),
+            false,
+        ))
+    };
+    if request {
+        trace.request_body = note("request");
+    }
+    if response {
+        trace.response_body = note("answer");
+    }
+}
+
 fn capture_answer(
     event: &TraceEvent,
     answer: &usage::Answer,

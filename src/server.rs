@@ -38,6 +38,8 @@ pub enum StartError {
     Provider(#[from] crate::providers::BuildError),
     #[error(transparent)]
     Pricing(#[from] crate::metering::PricingError),
+    #[error(transparent)]
+    Guardrails(#[from] crate::guardrails::GuardrailError),
     #[error("cannot set up TLS on the listener: {0}")]
     Tls(String),
     #[error("cannot listen on {address}: {source}")]
@@ -72,12 +74,13 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let pricing = Pricing::new(&config.pricing)?;
         let router = Router::from_config(config)?;
-        let (recorder, control) = recorder::spawn(
-            store.clone(),
-            metrics.clone(),
-            pricing,
-            RecorderSettings::from_config(config),
-        )?;
+        let guardrails = crate::guardrails::Guardrails::from_config(&config.guardrails)?;
+        let settings = RecorderSettings {
+            guardrails: guardrails.clone(),
+            ..RecorderSettings::from_config(config)
+        };
+        let (recorder, control) =
+            recorder::spawn(store.clone(), metrics.clone(), pricing, settings)?;
         let listener = TcpListener::bind(&config.server.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -95,7 +98,13 @@ impl Gateway {
             })
             .clone();
         let app = Arc::new(App {
-            proxy: Proxy::new(config, router, recorder.clone(), in_flight_rejections),
+            proxy: Proxy::new(
+                config,
+                router,
+                guardrails,
+                recorder.clone(),
+                in_flight_rejections,
+            ),
             admin: Admin { store, recorder },
             metrics,
             admin_token: Some(config.server.admin_token.clone()).filter(|t| !t.is_empty()),

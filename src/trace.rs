@@ -145,6 +145,12 @@ pub struct Usage {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GuardrailVerdict {
     pub guardrail: String,
+    /// The check (`pii`, `secrets`, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    /// `input` or `output`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stage: String,
     /// `pass`, `flagged`, `redacted` or `blocked`.
     pub verdict: String,
     #[serde(default)]

@@ -143,23 +143,9 @@ async fn concurrent_identical_misses_reach_the_upstream_once() {
     );
     for reply in &replies {
         assert_eq!(reply.status, StatusCode::OK);
-        assert_eq!(streamed_text(reply), "slow answer");
+        assert_eq!(reply.streamed_text(), "slow answer");
         assert!(reply.text().trim_end().ends_with("data: [DONE]"));
     }
-}
-
-/// The content of a streamed chat answer.
-fn streamed_text(reply: &HttpReply) -> String {
-    sse_data(&reply.body)
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
 }
 
 async fn futures_join_all<F, Fut>(n: usize, make: F) -> Vec<HttpReply>
@@ -399,7 +385,7 @@ async fn cached_answers_replay_in_the_shape_asked_for() {
         (reply.header("x-flowgate-cache") == "hit").then_some(reply)
     })
     .await;
-    assert_eq!(streamed_text(&stream_hit), "Once upon a time");
+    assert_eq!(stream_hit.streamed_text(), "Once upon a time");
     let events = sse_data(&stream_hit.body);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();

@@ -136,6 +136,22 @@ name = "openai"
 kind = "openai"
 base_url = "http://127.0.0.1:{mock_port}/v1"
 models = ["gpt-*"]
+
+# The shipped config's guardrails (they log: the recorder runs them).
+[[guardrails]]
+name = "pii"
+stage = "both"
+action = "log"
+
+[[guardrails]]
+name = "secrets"
+stage = "both"
+action = "log"
+
+[[guardrails]]
+name = "prompt_injection"
+stage = "input"
+action = "log"
 "#,
         store = dir.join("flowgate.sled").display(),
         // More [storage] keys to try (e.g. `capture = "metadata"`): FLOWGATE_BENCH_STORAGE.

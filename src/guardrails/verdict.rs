@@ -68,6 +68,8 @@ impl Verdict {
     pub fn to_trace(&self) -> crate::trace::GuardrailVerdict {
         crate::trace::GuardrailVerdict {
             guardrail: self.name.clone(),
+            kind: self.kind.as_str().to_owned(),
+            stage: self.stage.as_str().to_owned(),
             verdict: self.verdict.as_str().to_owned(),
             matches: self
                 .matches

@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+use crate::guardrails::Blocked;
 use crate::providers::Endpoint;
 use crate::recorder::{RecorderHandle, TraceEvent};
 use crate::response::{BoxError, ResponseBody};
@@ -69,6 +70,10 @@ pub struct Draft {
     pub cache_fill: Option<crate::cache::Fill>,
     /// Closes the client's HTTP/1.1 connection after a broken answer.
     pub close_connection: Option<crate::server::CloseConnection>,
+    /// The output guardrails ran on the path (the recorder must not run them again).
+    pub output_checked: bool,
+    /// An answer an output guardrail blocked: the client never sees it.
+    pub blocked_answer: Option<Bytes>,
     done: bool,
 }
 
@@ -102,6 +107,8 @@ impl Draft {
             in_flight: None,
             cache_fill: None,
             close_connection: None,
+            output_checked: false,
+            blocked_answer: None,
             done: false,
         }
     }
@@ -121,6 +128,8 @@ impl Draft {
             in_flight: None,
             cache_fill: None,
             close_connection: None,
+            output_checked: false,
+            blocked_answer: None,
             done: true,
         };
         std::mem::replace(self, shell)
@@ -215,6 +224,7 @@ impl Draft {
             response_cut: response.cut,
             first_byte_us: response.first_byte_us,
             response_is_sse: response.sse,
+            output_checked: self.output_checked,
         });
     }
 }
@@ -322,6 +332,11 @@ pub struct MeteredBody {
     state: State,
     /// The last byte forwarded ended an SSE event (or nothing was forwarded yet).
     at_event_boundary: bool,
+    /// Output guardrails that may change a streamed answer; the recorder then gets the events
+    /// as the client got them (redacted), not the upstream's.
+    check: Option<super::guard::StreamCheck>,
+    /// Checked events waiting to be captured.
+    guarded: Vec<Bytes>,
 }
 
 impl MeteredBody {
@@ -342,11 +357,27 @@ impl MeteredBody {
             deadline: Box::pin(deadline),
             state: State::Streaming,
             at_event_boundary: true,
+            check: None,
+            guarded: Vec::new(),
         }
+    }
+
+    /// Checks a streamed answer with output guardrails as it passes.
+    pub fn with_check(mut self, check: Option<super::guard::StreamCheck>) -> MeteredBody {
+        self.check = check.filter(|_| self.events.is_some());
+        self
     }
 
     fn end(&mut self) {
         self.state = State::Done;
+        if let Some(check) = self.check.take() {
+            let verdicts = check.verdicts();
+            self.draft.output_checked = true;
+            self.draft
+                .trace
+                .guardrails
+                .extend(verdicts.iter().map(|v| v.to_trace()));
+        }
         self.draft.finish(std::mem::take(&mut self.captured));
     }
 
@@ -391,13 +422,23 @@ impl MeteredBody {
 
     /// Whole events pass (but the usage chunk the gateway asked for); a partial one waits for
     /// its end.
-    fn filter(&mut self, data: &Bytes) -> Option<Bytes> {
+    fn filter(&mut self, data: &Bytes) -> Result<Option<Bytes>, Blocked> {
         let Some(splitter) = self.events.as_mut() else {
-            return Some(data.clone());
+            return Ok(Some(data.clone()));
         };
         splitter.push(data);
         let mut out = BytesMut::new();
         while let Some(event) = splitter.next_event() {
+            let event = match self.check.as_mut() {
+                Some(check) => {
+                    let mut checked = BytesMut::new();
+                    check.event(&event, &mut checked)?;
+                    let checked = checked.freeze();
+                    self.guarded.push(checked.clone());
+                    checked
+                }
+                None => event,
+            };
             if !(self.drop_usage_chunk && is_usage_only_chunk(&event)) {
                 out.extend_from_slice(&event);
             }
@@ -407,19 +448,43 @@ impl MeteredBody {
             out.extend_from_slice(&splitter.take_rest());
             self.events = None;
         }
-        (!out.is_empty()).then(|| out.freeze())
+        Ok((!out.is_empty()).then(|| out.freeze()))
     }
 
-    fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
+    fn on_data(&mut self, data: Bytes) -> Result<Option<Bytes>, Blocked> {
         let at_us = self.draft.started().elapsed().as_micros() as u64;
         let out = self.filter(&data);
-        if let Some(out) = &out {
+        if let Ok(Some(out)) = &out {
             self.at_event_boundary = crate::sse::ends_event(out);
         }
-        // A copy, not a reference: a frame is a slice of the connection's read buffer, and
-        // holding it until the recorder runs would pin that whole buffer.
-        self.captured.push(at_us, Bytes::copy_from_slice(&data));
+        if self.check.is_some() {
+            // What the client got (redacted), never the upstream's text.
+            for event in self.guarded.drain(..) {
+                self.captured.push(at_us, event);
+            }
+        } else {
+            // A copy, not a reference: a frame is a slice of the connection's read buffer, and
+            // holding it until the recorder runs would pin that whole buffer.
+            self.captured.push(at_us, Bytes::copy_from_slice(&data));
+        }
         out
+    }
+
+    /// A guardrail blocked the answer mid-stream: an error event, then the end.
+    fn block(&mut self, blocked: Blocked) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let message = blocked.message();
+        self.draft.fail("guardrail_blocked", message.clone());
+        if let Some(check) = self.check.take() {
+            self.draft.output_checked = true;
+            self.draft
+                .trace
+                .guardrails
+                .extend(check.verdicts().iter().map(|v| v.to_trace()));
+        }
+        let event = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "guardrail_blocked"}});
+        let separator = if self.at_event_boundary { "" } else { "\n\n" };
+        self.state = State::Closing(Bytes::from(format!("{separator}data: {event}\n\n")));
+        Poll::Ready(self.next_closing())
     }
 }
 
@@ -459,7 +524,10 @@ impl Body for MeteredBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let out = this.on_data(data);
+                        let out = match this.on_data(data) {
+                            Ok(out) => out,
+                            Err(blocked) => return this.block(blocked),
+                        };
                         // A body of known length may be dropped by the server right after its
                         // last frame, without another poll: finish now, not as "cancelled".
                         if this.inner.is_end_stream() && this.events.is_none() {
