@@ -459,6 +459,7 @@ fn recorder(c: &mut Criterion) {
         input: 212,
         output: 81,
         cached_input: 128,
+        cache_write: 0,
     };
     assert!(pricing.cost("openai", "gpt-4o-mini", tokens).is_some());
     assert!(pricing

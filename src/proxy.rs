@@ -410,7 +410,7 @@ impl Proxy {
             let with_client_key = named.is_some() || keyless == 1;
             let ids = match provider.kind() {
                 ProviderKind::Mock => mock::listed_models(provider.name()),
-                ProviderKind::Openai => {
+                ProviderKind::Openai | ProviderKind::Azure | ProviderKind::Anthropic => {
                     self.upstream_models(provider.as_ref(), parts, with_client_key)
                         .await
                 }
