@@ -684,3 +684,27 @@ async fn azure_gets_its_deployment_url_api_version_and_api_key() {
     assert_eq!(trace["provider"], "azure");
     assert_eq!(trace["usage"]["input_tokens"], 5);
 }
+
+#[tokio::test]
+async fn models_lists_anthropics_models_that_route_there() {
+    let upstream = Upstream::start(|seen| {
+        assert_eq!(seen.path, "/v1/models");
+        Reply::Json(200, json!({"data": [
+            {"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5", "created_at": "2025-09-29T00:00:00Z"},
+            {"type": "model", "id": "not-routed-here", "display_name": "x", "created_at": "2025-01-01T00:00:00Z"}
+        ], "has_more": false, "first_id": "claude-sonnet-4-5-20250929", "last_id": "not-routed-here"}))
+    })
+    .await;
+    let gateway = gateway_for(&upstream, "sk-ant-provider").await;
+    let reply = send(Method::GET, &format!("{}/v1/models", gateway.url), &[], "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let ids: Vec<String> = reply.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["owned_by"] == "anthropic")
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["claude-sonnet-4-5-20250929"]);
+    assert_eq!(upstream.last().headers["x-api-key"], "sk-ant-provider");
+}
