@@ -268,7 +268,7 @@ impl Router {
         let mut out = String::new();
         for (provider, patterns) in &self.entries {
             out.push_str(&format!(
-                "{:<12} {:<7} {}  (also {}/<model>)\n",
+                "{:<12} {:<9} {}  (also {}/<model>)\n",
                 provider.name(),
                 provider.kind().as_str(),
                 if patterns.is_empty() {

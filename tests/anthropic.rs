@@ -708,3 +708,32 @@ async fn models_lists_anthropics_models_that_route_there() {
     assert_eq!(ids, ["claude-sonnet-4-5-20250929"]);
     assert_eq!(upstream.last().headers["x-api-key"], "sk-ant-provider");
 }
+
+#[tokio::test]
+async fn a_stream_that_ends_before_message_stop_is_a_broken_stream() {
+    let upstream = Upstream::start(|_| {
+        let mut events = text_stream(&["Hel"]);
+        events.truncate(4); // message_start, block start, ping, one delta
+        Reply::Sse(events.into_iter().map(|e| (Duration::ZERO, e)).collect())
+    })
+    .await;
+    let gateway = gateway_for(&upstream, "").await;
+    let reply = gateway
+        .chat(
+            &[],
+            json!({"model": "claude-haiku-4-5", "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let data = sse_data(&reply.body);
+    assert!(data[1].contains("\"Hel\""), "{data:?}");
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_stream_error", "{data:?}");
+    assert!(last["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("message_stop"));
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["error"]["class"], "upstream_stream", "{trace}");
+}

@@ -64,7 +64,8 @@ pub fn translate(messages: &Value) -> Result<Conversation, Rejection> {
                 ))
             }
         };
-        // An assistant turn with neither text nor tool calls says nothing Anthropic accepts.
+        // A turn with no content (an assistant turn with neither text nor tool calls) says
+        // nothing, and Anthropic refuses empty turns.
         if blocks.is_empty() {
             continue;
         }

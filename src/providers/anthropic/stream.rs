@@ -291,6 +291,8 @@ pub struct TranslatedBody {
     /// A failure found after some output was ready: reported on the next poll.
     failed: Option<StreamError>,
     done: bool,
+    /// The upstream body ended (or failed): it is not polled again.
+    inner_done: bool,
 }
 
 impl TranslatedBody {
@@ -301,6 +303,7 @@ impl TranslatedBody {
             translator,
             failed: None,
             done: false,
+            inner_done: false,
         }
     }
 
@@ -316,6 +319,18 @@ impl TranslatedBody {
             return Err(StreamError::EventTooLarge);
         }
         Ok(())
+    }
+
+    /// Reads what the upstream already sent after the last event (its end, usually), so a
+    /// finished answer leaves the pooled connection reusable; never waits for more.
+    fn drain_ready(&mut self, cx: &mut Context<'_>) {
+        while !self.inner_done {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(_) => self.inner_done = true,
+                Poll::Pending => return,
+            }
+        }
     }
 
     /// What is left when the upstream body ended: a last event without its blank line.
@@ -347,6 +362,7 @@ impl Body for TranslatedBody {
                 return Poll::Ready(Some(Err(err.into())));
             }
             if this.done {
+                this.drain_ready(cx);
                 return Poll::Ready(None);
             }
             let mut out = BytesMut::new();
@@ -354,6 +370,7 @@ impl Body for TranslatedBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(err))) => {
                     this.done = true;
+                    this.inner_done = true;
                     return Poll::Ready(Some(Err(err)));
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -364,7 +381,10 @@ impl Body for TranslatedBody {
                     // Trailers carry nothing for the client here.
                     Err(_) => Ok(()),
                 },
-                Poll::Ready(None) => this.at_end(&mut out),
+                Poll::Ready(None) => {
+                    this.inner_done = true;
+                    this.at_end(&mut out)
+                }
             };
             if let Err(err) = outcome {
                 this.done = true;
