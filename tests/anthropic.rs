@@ -451,16 +451,13 @@ async fn anthropic_errors_reach_openai_clients_in_openai_shape() {
     }
 }
 
-#[tokio::test]
-async fn an_error_event_mid_stream_becomes_an_openai_error_event() {
-    let upstream = Upstream::start(|_| {
+/// A streamed chat whose Anthropic stream stops after its first text delta, then sends `tail`
+/// (if any) and ends: the client's SSE payloads, and the call's trace.
+async fn broken_stream(tail: Option<String>) -> (Vec<String>, Value) {
+    let upstream = Upstream::start(move |_| {
         let mut events = text_stream(&["Hel"]);
-        events.truncate(4);
-        events.push(event(
-            "error",
-            json!({"type": "error",
-            "error": {"type": "overloaded_error", "message": "Overloaded"}}),
-        ));
+        events.truncate(4); // message_start, block start, ping, one delta
+        events.extend(tail.clone());
         Reply::Sse(events.into_iter().map(|e| (Duration::ZERO, e)).collect())
     })
     .await;
@@ -474,12 +471,41 @@ async fn an_error_event_mid_stream_becomes_an_openai_error_event() {
         .await;
     assert_eq!(reply.status, StatusCode::OK);
     let data = sse_data(&reply.body);
+    assert!(data[1].contains("\"Hel\""), "{data:?}");
+    assert!(!data.iter().any(|d| d == "[DONE]"), "{data:?}");
+    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+    assert_eq!(trace["error"]["class"], "upstream_stream", "{trace}");
+    (data, trace)
+}
+
+#[tokio::test]
+async fn an_error_event_mid_stream_becomes_an_openai_error_event() {
+    let error = event(
+        "error",
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    );
+    let (data, _) = broken_stream(Some(error)).await;
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "overloaded_error");
     assert_eq!(last["error"]["message"], "Overloaded");
-    assert!(!data.iter().any(|d| d == "[DONE]"));
-    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
-    assert_eq!(trace["error"]["class"], "upstream_stream", "{trace}");
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_before_message_stop_is_a_broken_stream() {
+    let (data, trace) = broken_stream(None).await;
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_stream_error", "{data:?}");
+    assert!(last["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("message_stop"));
+    assert!(
+        trace["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("message_stop"),
+        "{trace}"
+    );
 }
 
 #[tokio::test]
@@ -707,33 +733,4 @@ async fn models_lists_anthropics_models_that_route_there() {
         .collect();
     assert_eq!(ids, ["claude-sonnet-4-5-20250929"]);
     assert_eq!(upstream.last().headers["x-api-key"], "sk-ant-provider");
-}
-
-#[tokio::test]
-async fn a_stream_that_ends_before_message_stop_is_a_broken_stream() {
-    let upstream = Upstream::start(|_| {
-        let mut events = text_stream(&["Hel"]);
-        events.truncate(4); // message_start, block start, ping, one delta
-        Reply::Sse(events.into_iter().map(|e| (Duration::ZERO, e)).collect())
-    })
-    .await;
-    let gateway = gateway_for(&upstream, "").await;
-    let reply = gateway
-        .chat(
-            &[],
-            json!({"model": "claude-haiku-4-5", "stream": true,
-            "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let data = sse_data(&reply.body);
-    assert!(data[1].contains("\"Hel\""), "{data:?}");
-    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_stream_error", "{data:?}");
-    assert!(last["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("message_stop"));
-    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
-    assert_eq!(trace["error"]["class"], "upstream_stream", "{trace}");
 }
