@@ -42,7 +42,7 @@ pub fn parse_usage(usage: &Value) -> Option<ProviderUsage> {
     if read.is_some() || written.is_some() {
         let (read, written) = (read.unwrap_or(0), written.unwrap_or(0));
         return Some(ProviderUsage {
-            input: input + read + written,
+            input: input.saturating_add(read).saturating_add(written),
             output,
             cached_input: read,
             cache_write: written,

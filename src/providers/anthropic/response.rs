@@ -24,11 +24,15 @@ impl Usage {
     pub fn to_openai(self) -> Value {
         let cached = self.cache_read_input_tokens.unwrap_or(0);
         let written = self.cache_creation_input_tokens.unwrap_or(0);
-        let prompt = self.input_tokens + cached + written;
+        // Saturating: the counts come from the network.
+        let prompt = self
+            .input_tokens
+            .saturating_add(cached)
+            .saturating_add(written);
         json!({
             "prompt_tokens": prompt,
             "completion_tokens": self.output_tokens,
-            "total_tokens": prompt + self.output_tokens,
+            "total_tokens": prompt.saturating_add(self.output_tokens),
             "prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
         })
     }
