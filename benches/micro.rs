@@ -6,7 +6,9 @@
 //!   routing, reading and rewriting the body, run identity, header cleaning);
 //! - `response_path/…`: what `MeteredBody` does per forwarded SSE frame;
 //! - `recorder/…`: what the recorder thread does per finished call (usage, aggregation, cost,
-//!   metrics, trace encoding).
+//!   metrics, trace encoding);
+//! - `anthropic/…`: the translation an `anthropic` provider adds to a chat completion (request,
+//!   whole answer, one streamed event).
 //!
 //! - `cache/…`: the response cache's key of a 1 KB request, and a whole hit of a 1 KB answer
 //!   (key, lookup, replay in the stored shape and as a stream).
@@ -466,6 +468,7 @@ fn recorder(c: &mut Criterion) {
         input: 212,
         output: 81,
         cached_input: 128,
+        cache_write: 0,
     };
     assert!(pricing.cost("openai", "gpt-4o-mini", tokens).is_some());
     assert!(pricing
@@ -572,9 +575,53 @@ fn config() -> Criterion {
         .sample_size(50)
 }
 
+// ---------------------------------------------------------------------------------------------
+// anthropic/…
+
+fn fixture(path: &str) -> Value {
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/anthropic/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture exists");
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+fn anthropic(c: &mut Criterion) {
+    use flowgate::providers::anthropic::{request, response, stream};
+
+    let mut group = c.benchmark_group("anthropic");
+    // A tool round trip: system-less, five turns, two tools.
+    let body = fixture("requests/tool_results.json")["openai"].to_string();
+    assert!(request::translate(body.as_bytes(), "claude-sonnet-4-5").is_ok());
+    group.bench_function("request/translate", |b| {
+        b.iter(|| request::translate(black_box(body.as_bytes()), "claude-sonnet-4-5"))
+    });
+
+    let answer = fixture("responses/tool_use.json")["anthropic"].to_string();
+    assert!(response::to_chat_completion(answer.as_bytes(), 0).is_ok());
+    group.bench_function("response/to_chat_completion", |b| {
+        b.iter(|| response::to_chat_completion(black_box(answer.as_bytes()), 0))
+    });
+
+    let event = br#"event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" the capital"}}
+
+"#;
+    let mut translator = stream::Translator::new(false, 0);
+    group.bench_function("stream/text_delta_event", |b| {
+        b.iter(|| {
+            let mut out = bytes::BytesMut::new();
+            let step = translator.event(black_box(event), &mut out);
+            (step.is_ok(), out.len())
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = micro;
     config = config();
-    targets = request_path, response_path, cache, recorder
+    targets = request_path, response_path, cache, recorder, anthropic
 }
 criterion_main!(micro);

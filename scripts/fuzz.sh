@@ -12,6 +12,7 @@
 #   sse_usage        EventSplitter, usage::from_sse / from_json / usage_from_tail, is_usage_only_chunk
 #   request_fields   RequestFields::parse + sampling, proxy::request::rewrite
 #   guardrails       check_request / check_response on every endpoint, StreamGuard vs whole redaction
+#   anthropic        the Anthropic translation: requests, messages, errors, SSE streams (cut anywhere)
 #
 # How it builds: fuzz/ is a crate of its own (own Cargo.lock, own `[workspace]`, target dir
 # fuzz/target), so the root `cargo build` / `cargo test` never see it. cargo-fuzz needs nightly
@@ -41,7 +42,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
 
 SECONDS_EACH="${1:-30}"
 shift || true
-ALL_TARGETS=(config tagging_headers sse_usage request_fields guardrails)
+ALL_TARGETS=(config tagging_headers sse_usage request_fields guardrails anthropic)
 if [ "$#" -gt 0 ]; then
     TARGETS=("$@")
 else

@@ -12,6 +12,8 @@ PYTEST_VERSION="${FLOWGATE_TEST_PYTEST_VERSION:-9.2.0}"
 JSONSCHEMA_VERSION="${FLOWGATE_TEST_JSONSCHEMA_VERSION:-4.26.0}"
 REFERENCING_VERSION="${FLOWGATE_TEST_REFERENCING_VERSION:-0.37.0}"
 PYYAML_VERSION="${FLOWGATE_TEST_PYYAML_VERSION:-6.0.3}"
+# For tests/interop/test_anthropic_sdk.py (the official SDK against /v1/messages).
+ANTHROPIC_VERSION="${FLOWGATE_TEST_ANTHROPIC_VERSION:-2.10.0}"
 
 # Work from the repo root whatever the caller's cwd.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,18 +35,19 @@ as_root() {
 venv_is_ready() {
     [ -x .venv/bin/python ] || return 1
     .venv/bin/python - "$OPENAI_VERSION" "$PYTEST_VERSION" "$JSONSCHEMA_VERSION" "$REFERENCING_VERSION" \
-        "$PYYAML_VERSION" <<'PY' >/dev/null 2>&1
+        "$PYYAML_VERSION" "$ANTHROPIC_VERSION" <<'PY' >/dev/null 2>&1
 import sys
 from importlib.metadata import version
-import jsonschema, openai, pytest, referencing, yaml  # noqa: F401  (importable, not just installed)
-wanted = ("openai", "pytest", "jsonschema", "referencing", "PyYAML")
+import anthropic, jsonschema, openai, pytest, referencing, yaml  # noqa: F401  (importable, not just installed)
+wanted = ("openai", "pytest", "jsonschema", "referencing", "PyYAML", "anthropic")
 sys.exit(0 if tuple(version(name) for name in wanted) == tuple(sys.argv[1:]) else 1)
 PY
 }
 
 setup_python() {
     section "python venv (.venv: openai==$OPENAI_VERSION, pytest==$PYTEST_VERSION," \
-        "jsonschema==$JSONSCHEMA_VERSION, referencing==$REFERENCING_VERSION, PyYAML==$PYYAML_VERSION)"
+        "jsonschema==$JSONSCHEMA_VERSION, referencing==$REFERENCING_VERSION, PyYAML==$PYYAML_VERSION," \
+        "anthropic==$ANTHROPIC_VERSION)"
     if venv_is_ready; then
         echo "already installed"
         return
@@ -59,7 +62,7 @@ setup_python() {
     fi
     .venv/bin/python -m pip install --quiet --disable-pip-version-check \
         "openai==$OPENAI_VERSION" "pytest==$PYTEST_VERSION" "jsonschema==$JSONSCHEMA_VERSION" \
-        "referencing==$REFERENCING_VERSION" "PyYAML==$PYYAML_VERSION"
+        "referencing==$REFERENCING_VERSION" "PyYAML==$PYYAML_VERSION" "anthropic==$ANTHROPIC_VERSION"
 }
 
 setup_prometheus() {
@@ -80,7 +83,7 @@ run_cargo_tests() {
 }
 
 run_interop_tests() {
-    section "interop tests (official openai SDK against target/debug/flowgate)"
+    section "interop tests (official openai and anthropic SDKs against target/debug/flowgate)"
     cargo build
     .venv/bin/pytest -q tests/interop
 }

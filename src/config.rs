@@ -216,6 +216,11 @@ pub enum CacheMode {
 pub enum ProviderKind {
     /// Any OpenAI-compatible API: OpenAI, vLLM, Ollama, Groq, OpenRouter, ...
     Openai,
+    /// Azure OpenAI: deployment URLs (`/openai/deployments/{model}/...?api-version=`) and the
+    /// `api-key` header.
+    Azure,
+    /// Anthropic's Messages API: chat completions are translated, `/v1/messages` is forwarded.
+    Anthropic,
     /// The built-in deterministic provider; answers without any network.
     Mock,
 }
@@ -224,7 +229,17 @@ impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Openai => "openai",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Anthropic => "anthropic",
             ProviderKind::Mock => "mock",
+        }
+    }
+
+    /// The base URL used when a provider of this kind names none.
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::Anthropic => Some("https://api.anthropic.com"),
+            _ => None,
         }
     }
 }
@@ -250,6 +265,9 @@ pub struct ProviderConfig {
     /// chunk). Turn off for servers that reject the parameter; their streams are then counted.
     #[serde(default = "yes")]
     pub stream_usage: bool,
+    /// Azure OpenAI's `api-version` query parameter (`kind = "azure"` only, and required there).
+    #[serde(default, deserialize_with = "expanded_opt")]
+    pub api_version: Option<String>,
 }
 
 fn yes() -> bool {
@@ -350,6 +368,7 @@ pub fn mock_provider() -> ProviderConfig {
         models: vec!["mock/*".into()],
         ca_file: None,
         stream_usage: true,
+        api_version: None,
     }
 }
 
@@ -471,6 +490,13 @@ impl Config {
         if self.storage.queue_capacity == 0 {
             return Err(self.invalid("storage.queue_capacity must be greater than 0".into()));
         }
+        for provider in &mut self.providers {
+            if provider.base_url.is_empty() {
+                if let Some(url) = provider.kind.default_base_url() {
+                    provider.base_url = url.to_owned();
+                }
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (index, provider) in self.providers.iter().enumerate() {
             self.validate_provider(index, provider)?;
@@ -548,7 +574,21 @@ impl Config {
         if provider.name.is_empty() || provider.name.contains('/') {
             return Err(self.invalid(format!("{at}: name must be non-empty and contain no '/'")));
         }
-        if provider.kind == ProviderKind::Openai {
+        match (provider.kind, &provider.api_version) {
+            (ProviderKind::Azure, None) => {
+                return Err(self.invalid(format!(
+                    "{at}: kind = \"azure\" needs api_version (e.g. api_version = \"2024-10-21\")"
+                )))
+            }
+            (ProviderKind::Azure, Some(_)) | (_, None) => {}
+            (kind, Some(_)) => {
+                return Err(self.invalid(format!(
+                    "{at}: api_version is for kind = \"azure\" only, not {:?}",
+                    kind.as_str()
+                )))
+            }
+        }
+        if provider.kind != ProviderKind::Mock {
             let uri: http::Uri = provider.base_url.parse().map_err(|err| {
                 self.invalid(format!(
                     "{at}: base_url {:?} is not a URL: {err}",
@@ -582,6 +622,11 @@ impl Config {
 fn expanded<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     let raw = String::deserialize(deserializer)?;
     expand_env(&raw, |name| std::env::var(name).ok()).map_err(serde::de::Error::custom)
+}
+
+fn expanded_opt<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let value = expanded(deserializer)?;
+    Ok((!value.is_empty()).then_some(value))
 }
 
 fn expanded_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
@@ -704,6 +749,15 @@ mod tests {
     }
 
     #[test]
+    fn anthropic_base_url_has_a_default() {
+        let text =
+            "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nmodels = [\"claude-*\"]";
+        let mut config = Config::from_toml(text, Source::BuiltIn).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.providers[0].base_url, "https://api.anthropic.com");
+    }
+
+    #[test]
     fn the_mock_is_added_only_when_no_provider_is_named() {
         let mut bare = Config::from_toml("", Source::BuiltIn).unwrap();
         bare.validate().unwrap();
@@ -732,6 +786,9 @@ mod tests {
             ("[[models]]\nname = \"m\"\ndeployments = [{ provider = \"mock\", model = \"x\", weight = 0 }]", "weight of at least 1"),
             ("[[models]]\nname = \"m\"\ndeployments = [{ provider = \"mock\", model = \"x\" }]\nfallbacks = [\"m\"]", "its own fallback"),
             ("[cache]\nttl_seconds = 0", "cache.max_bytes and cache.ttl_seconds"),
+            ("[[providers]]\nname = \"az\"\nkind = \"azure\"\nbase_url = \"https://r.openai.azure.com\"", "needs api_version"),
+            ("[[providers]]\nname = \"x\"\nkind = \"openai\"\nbase_url = \"http://h\"\napi_version = \"2024-10-21\"", "api_version is for kind = \"azure\" only"),
+            ("[[providers]]\nname = \"az\"\nkind = \"azure\"\napi_version = \"2024-10-21\"", "base_url"),
         ];
         for (text, needle) in cases {
             let mut config = Config::from_toml(text, Source::BuiltIn).unwrap();

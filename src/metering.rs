@@ -46,13 +46,16 @@ impl Pricing {
             .or_else(|| strip_snapshot(model).and_then(|base| self.prices.get(base)))
     }
 
-    /// USD for one call; `None` when the model has no price.
+    /// USD for one call; `None` when the model has no price. Cache reads and writes are parts of
+    /// `input`, each at its own rate (the input rate when the table has none).
     pub fn cost(&self, provider: &str, model: &str, tokens: Tokens) -> Option<f64> {
         let price = self.price(provider, model)?;
         let cached = tokens.cached_input.min(tokens.input);
-        let uncached = tokens.input - cached;
+        let written = tokens.cache_write.min(tokens.input - cached);
+        let uncached = tokens.input - cached - written;
         let per_million = uncached as f64 * price.input
             + cached as f64 * price.cached_input.unwrap_or(price.input)
+            + written as f64 * price.cache_write.unwrap_or(price.input)
             + tokens.output as f64 * price.output.unwrap_or(0.0);
         Some(per_million / 1_000_000.0)
     }
@@ -71,6 +74,8 @@ pub struct Tokens {
     pub input: u64,
     pub output: u64,
     pub cached_input: u64,
+    /// Part of `input` written to the prompt cache.
+    pub cache_write: u64,
 }
 
 /// `-2024-08-06`, `-20250929`, `-0613` or `-latest` at the end of a model name.
@@ -211,7 +216,21 @@ pub fn count_input_tokens(endpoint: Endpoint, model: &str, body: &[u8]) -> Optio
                     + count_tokens(model, &instructions),
             )
         }
-        Endpoint::Models | Endpoint::Passthrough => None,
+        Endpoint::Messages => {
+            let system = json.get("system").map(flatten_text).unwrap_or_default();
+            let messages = json.get("messages")?.as_array()?;
+            let content: u64 = messages
+                .iter()
+                .map(|m| {
+                    count_tokens(
+                        model,
+                        &flatten_text(m.get("content").unwrap_or(&Value::Null)),
+                    )
+                })
+                .sum();
+            Some(content + count_tokens(model, &system))
+        }
+        Endpoint::Models | Endpoint::MessagesCountTokens | Endpoint::Passthrough => None,
     }
 }
 
@@ -325,11 +344,28 @@ mod tests {
                     input: 1_000_000,
                     output: 500_000,
                     cached_input: 400_000,
+                    cache_write: 0,
                 },
             )
             .unwrap();
         // 600k uncached × $2 + 400k cached × $0.5 + 500k out × $8, per million.
         assert!((cost - (1.2 + 0.2 + 4.0)).abs() < 1e-9, "{cost}");
+        // Claude Sonnet 4.5 from the bundled table: $3 in, $15 out, $0.30 cache read, $3.75
+        // cache write. 1M prompt tokens: 500k read, 200k written, 300k plain; 100k out.
+        let claude = pricing
+            .cost(
+                "anthropic",
+                "claude-sonnet-4-5-20250929",
+                Tokens {
+                    input: 1_000_000,
+                    output: 100_000,
+                    cached_input: 500_000,
+                    cache_write: 200_000,
+                },
+            )
+            .unwrap();
+        let expected = 0.3 * 3.0 + 0.5 * 0.30 + 0.2 * 3.75 + 0.1 * 15.0;
+        assert!((claude - expected).abs() < 1e-9, "{claude} vs {expected}");
         assert_eq!(pricing.cost("p", "unpriced", Tokens::default()), None);
     }
 

@@ -2,7 +2,7 @@
 //!
 //! A provider adapter implements [`Provider`]: it takes the prepared call and returns the
 //! upstream's response head and body stream. Each adapter lives in its own file; adding a kind
-//! (Anthropic next) is a new file plus one arm in [`build`].
+//! is a new file plus one arm in [`build`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,11 +15,14 @@ use crate::config::{Config, ProviderConfig, ProviderKind};
 use crate::error::ApiError;
 use crate::response::ResponseBody;
 
+pub mod anthropic;
+pub mod azure;
 pub mod client;
 pub mod mock;
 pub mod openai;
 
-/// The OpenAI endpoint a client called, known from the path alone.
+/// The endpoint a client called, known from the path alone: OpenAI's, and Anthropic's Messages
+/// API (served by `anthropic` providers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
@@ -27,6 +30,10 @@ pub enum Endpoint {
     Embeddings,
     Responses,
     Models,
+    /// Anthropic's `POST /v1/messages`, forwarded untranslated.
+    Messages,
+    /// Anthropic's `POST /v1/messages/count_tokens`, forwarded untranslated.
+    MessagesCountTokens,
     /// Any other `/v1/...` path: passed through untouched.
     Passthrough,
 }
@@ -40,6 +47,8 @@ impl Endpoint {
             "/v1/embeddings" => Endpoint::Embeddings,
             "/v1/responses" => Endpoint::Responses,
             "/v1/models" => Endpoint::Models,
+            "/v1/messages" => Endpoint::Messages,
+            "/v1/messages/count_tokens" => Endpoint::MessagesCountTokens,
             _ => Endpoint::Passthrough,
         }
     }
@@ -51,6 +60,8 @@ impl Endpoint {
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
             Endpoint::Models => "models",
+            Endpoint::Messages => "messages",
+            Endpoint::MessagesCountTokens => "messages.count_tokens",
             Endpoint::Passthrough => "passthrough",
         }
     }
@@ -63,6 +74,8 @@ impl Endpoint {
                 | Endpoint::Completions
                 | Endpoint::Embeddings
                 | Endpoint::Responses
+                | Endpoint::Messages
+                | Endpoint::MessagesCountTokens
         )
     }
 }
@@ -98,6 +111,13 @@ pub enum UpstreamError {
     Request { upstream: String, detail: String },
     #[error("invalid upstream URL {0}")]
     Url(String),
+    /// The provider cannot express the request (a parameter, an endpoint): a 400 naming it.
+    #[error("{message}")]
+    Rejected {
+        code: &'static str,
+        param: Option<&'static str>,
+        message: String,
+    },
 }
 
 impl UpstreamError {
@@ -107,6 +127,14 @@ impl UpstreamError {
             UpstreamError::Tls { .. } => "upstream_tls",
             UpstreamError::Request { .. } => "upstream_request_failed",
             UpstreamError::Url(_) => "upstream_url",
+            UpstreamError::Rejected { code, param, .. } => {
+                let error =
+                    ApiError::invalid_request(code, format!("provider {provider:?}: {self}"));
+                return match param {
+                    Some(param) => error.with_param(param),
+                    None => error,
+                };
+            }
         };
         ApiError::bad_gateway(code, format!("provider {provider:?}: {self}"))
     }
@@ -139,7 +167,10 @@ pub fn build(
     settings: &client::Settings,
 ) -> Result<Arc<dyn Provider>, BuildError> {
     Ok(match config.kind {
-        ProviderKind::Openai => Arc::new(openai::OpenAi::new(config, settings)?),
+        ProviderKind::Openai | ProviderKind::Azure => {
+            Arc::new(openai::OpenAi::new(config, settings)?)
+        }
+        ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(config, settings)?),
         ProviderKind::Mock => Arc::new(mock::Mock::new(&config.name)),
     })
 }
@@ -292,7 +323,7 @@ impl Router {
         }
         for (provider, patterns) in &self.entries {
             out.push_str(&format!(
-                "{:<12} {:<7} {}  (also {}/<model>)\n",
+                "{:<12} {:<9} {}  (also {}/<model>)\n",
                 provider.name(),
                 provider.kind().as_str(),
                 if patterns.is_empty() {

@@ -347,10 +347,11 @@ impl Proxy {
             draft.trace.served_model = Some(route.model.clone());
         }
         draft.trace.model_group = plan.group.clone();
-        if stream && draft.endpoint == Endpoint::Responses && self.guardrails.changes_output() {
+        let own_stream_shape = matches!(draft.endpoint, Endpoint::Responses | Endpoint::Messages);
+        if stream && own_stream_shape && self.guardrails.changes_output() {
             return Err(ApiError::invalid_request(
                 "guardrail_stream_unsupported",
-                "an output guardrail here redacts or blocks answers, which flowgate does not do on streamed Responses API answers yet: send stream=false, or use chat completions",
+                "an output guardrail here redacts or blocks answers, which flowgate does not do on streamed Responses API or /v1/messages answers yet: send stream=false, or use chat completions",
             )
             .with_param("stream"));
         }
@@ -834,7 +835,7 @@ impl Proxy {
             let with_client_key = named.is_some() || keyless == 1;
             let ids = match provider.kind() {
                 ProviderKind::Mock => mock::listed_models(provider.name()),
-                ProviderKind::Openai => {
+                ProviderKind::Openai | ProviderKind::Azure | ProviderKind::Anthropic => {
                     self.upstream_models(provider.as_ref(), parts, with_client_key)
                         .await
                 }

@@ -396,7 +396,8 @@ impl Recorder {
             let first = answer.first_content_us.or(event.first_byte_us);
             trace.latency.ttft_ms = first.map(|us| us as f64 / 1000.0);
         }
-        if let Some(tokens) = tokens_of(&trace.usage) {
+        let cache_write = answer.usage.map_or(0, |u| u.cache_write);
+        if let Some(tokens) = tokens_of(&trace.usage, cache_write) {
             let provider = trace.provider.as_deref().unwrap_or("");
             trace.cost_usd = self.pricing.cost(provider, &model, tokens);
         }
@@ -426,6 +427,8 @@ impl Recorder {
                 | Endpoint::Completions
                 | Endpoint::Responses
                 | Endpoint::Embeddings
+                | Endpoint::Messages
+                | Endpoint::MessagesCountTokens
         );
         let blocked = trace.guardrails.iter().any(|v| v.verdict == "blocked");
         if !texts || blocked || event.request_body.is_empty() {
@@ -450,7 +453,10 @@ impl Recorder {
         let answered = (200..300).contains(&trace.status) && !event.response.is_empty();
         let texts = matches!(
             event.endpoint,
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Responses
+                | Endpoint::Messages
         );
         if event.output_checked || !answered || !texts || !guardrails.checks_output() {
             return;
@@ -701,11 +707,13 @@ fn evict_oldest<V>(map: &mut HashMap<String, V>, last_active: impl Fn(&V) -> u64
     }
 }
 
-fn tokens_of(usage: &Usage) -> Option<Tokens> {
+/// `cache_write`: prompt-cache writes the provider reported (priced apart; not in the trace).
+fn tokens_of(usage: &Usage, cache_write: u64) -> Option<Tokens> {
     Some(Tokens {
         input: usage.input_tokens?,
         output: usage.output_tokens.unwrap_or(0),
         cached_input: usage.cached_input_tokens.unwrap_or(0),
+        cache_write,
     })
 }
 

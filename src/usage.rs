@@ -8,6 +8,8 @@ use serde_json::Value;
 use crate::providers::Endpoint;
 use crate::sse::{parse_event, EventSplitter};
 
+mod messages;
+
 /// Token counts as the provider reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProviderUsage {
@@ -16,9 +18,13 @@ pub struct ProviderUsage {
     /// Part of `input` read from the provider's prompt cache (OpenAI's `prompt_tokens` already
     /// includes it).
     pub cached_input: u64,
+    /// Part of `input` written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), priced at the cache-write rate.
+    pub cache_write: u64,
 }
 
-/// Reads a `usage` object in either OpenAI shape (`prompt_tokens` / `input_tokens`).
+/// Reads a `usage` object in either OpenAI shape (`prompt_tokens` / `input_tokens`), or
+/// Anthropic's, whose `input_tokens` leaves out the cache reads and writes.
 pub fn parse_usage(usage: &Value) -> Option<ProviderUsage> {
     let number = |path: &str| usage.pointer(path).and_then(Value::as_u64);
     if let Some(input) = number("/prompt_tokens") {
@@ -26,13 +32,27 @@ pub fn parse_usage(usage: &Value) -> Option<ProviderUsage> {
             input,
             output: number("/completion_tokens").unwrap_or(0),
             cached_input: number("/prompt_tokens_details/cached_tokens").unwrap_or(0),
+            cache_write: number("/prompt_tokens_details/cache_write_tokens").unwrap_or(0),
         });
     }
     let input = number("/input_tokens")?;
+    let output = number("/output_tokens").unwrap_or(0);
+    let read = number("/cache_read_input_tokens");
+    let written = number("/cache_creation_input_tokens");
+    if read.is_some() || written.is_some() {
+        let (read, written) = (read.unwrap_or(0), written.unwrap_or(0));
+        return Some(ProviderUsage {
+            input: input.saturating_add(read).saturating_add(written),
+            output,
+            cached_input: read,
+            cache_write: written,
+        });
+    }
     Some(ProviderUsage {
         input,
-        output: number("/output_tokens").unwrap_or(0),
+        output,
         cached_input: number("/input_tokens_details/cached_tokens").unwrap_or(0),
+        cache_write: number("/input_tokens_details/cache_write_tokens").unwrap_or(0),
     })
 }
 
@@ -123,6 +143,16 @@ fn answer_text(endpoint: Endpoint, json: &Value) -> String {
         }
         Endpoint::Completions => collect(json.pointer("/choices"), |c| c.get("text")),
         Endpoint::Responses => collect(json.pointer("/output"), |item| item.get("content")),
+        Endpoint::Messages => {
+            let mut text = String::new();
+            let blocks = json.pointer("/content").and_then(Value::as_array);
+            for block in blocks.into_iter().flatten() {
+                if let Some(piece) = block.get("text").and_then(Value::as_str) {
+                    text.push_str(piece);
+                }
+            }
+            text
+        }
         _ => String::new(),
     }
 }
@@ -144,13 +174,22 @@ fn collect<'a>(items: Option<&'a Value>, pick: impl Fn(&'a Value) -> Option<&'a 
 
 /// Reads a streamed response from its frames (with arrival times).
 pub fn from_sse(endpoint: Endpoint, frames: &[(u64, Bytes)]) -> Answer {
+    if endpoint == Endpoint::Messages {
+        let mut stream = messages::Stream::default();
+        return read_frames(frames, |raw, answer| stream.read_event(raw, answer));
+    }
+    read_frames(frames, |raw, answer| read_event(endpoint, raw, answer))
+}
+
+/// Splits frames into events for `read`, noting when the first text arrived.
+fn read_frames(frames: &[(u64, Bytes)], mut read: impl FnMut(&[u8], &mut Answer)) -> Answer {
     let mut answer = Answer::default();
     let mut splitter = EventSplitter::default();
     for (at_us, frame) in frames {
         splitter.push(frame);
         while let Some(raw) = splitter.next_event() {
             let had_text = !answer.text.is_empty();
-            read_event(endpoint, &raw, &mut answer);
+            read(&raw, &mut answer);
             if !had_text && !answer.text.is_empty() && answer.first_content_us.is_none() {
                 answer.first_content_us = Some(*at_us);
             }
@@ -245,22 +284,36 @@ mod tests {
         let cases = [
             (
                 r#"{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}"#,
-                (10, 5, 4),
+                (10, 5, 4, 0),
             ),
-            (r#"{"prompt_tokens":7,"total_tokens":7}"#, (7, 0, 0)),
+            (r#"{"prompt_tokens":7,"total_tokens":7}"#, (7, 0, 0, 0)),
             (
                 r#"{"input_tokens":3,"output_tokens":9,"input_tokens_details":{"cached_tokens":1}}"#,
-                (3, 9, 1),
+                (3, 9, 1, 0),
+            ),
+            (
+                r#"{"prompt_tokens":30,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":10,"cache_write_tokens":15}}"#,
+                (30, 2, 10, 15),
+            ),
+            // Anthropic: input_tokens leaves the cache reads and writes out.
+            (
+                r#"{"input_tokens":5,"output_tokens":7,"cache_read_input_tokens":100,"cache_creation_input_tokens":20}"#,
+                (125, 7, 100, 20),
+            ),
+            (
+                r#"{"input_tokens":5,"output_tokens":7,"cache_creation_input_tokens":0}"#,
+                (5, 7, 0, 0),
             ),
         ];
-        for (json, (input, output, cached)) in cases {
+        for (json, (input, output, cached, written)) in cases {
             let usage = parse_usage(&serde_json::from_str(json).unwrap()).unwrap();
             assert_eq!(
                 usage,
                 ProviderUsage {
                     input,
                     output,
-                    cached_input: cached
+                    cached_input: cached,
+                    cache_write: written,
                 },
                 "{json}"
             );
@@ -283,7 +336,8 @@ mod tests {
             Some(ProviderUsage {
                 input: 3,
                 output: 1,
-                cached_input: 0
+                cached_input: 0,
+                cache_write: 0,
             })
         );
     }

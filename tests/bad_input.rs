@@ -223,4 +223,8 @@ fn check_config_prints_the_routing_table() {
         stdout.contains("openai") && stdout.contains("gpt-*"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("anthropic") && stdout.contains("claude-*"),
+        "{stdout}"
+    );
 }

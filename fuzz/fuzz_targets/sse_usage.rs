@@ -13,12 +13,14 @@ use flowgate::sse::{ends_event, is_usage_only_chunk, parse_event, EventSplitter}
 use flowgate::usage::{from_json, from_sse, usage_from_tail, Answer};
 use libfuzzer_sys::fuzz_target;
 
-const ENDPOINTS: [Endpoint; 6] = [
+const ENDPOINTS: [Endpoint; 8] = [
     Endpoint::ChatCompletions,
     Endpoint::Completions,
     Endpoint::Responses,
     Endpoint::Embeddings,
     Endpoint::Models,
+    Endpoint::Messages,
+    Endpoint::MessagesCountTokens,
     Endpoint::Passthrough,
 ];
 

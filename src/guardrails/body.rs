@@ -91,6 +91,15 @@ struct Choice<'a> {
     text: Option<&'a RawValue>,
 }
 
+/// Anthropic's Messages request: `system` and `messages` (blocks with `text` / `content`).
+#[derive(Deserialize)]
+struct MessagesRequest<'a> {
+    #[serde(borrow, default)]
+    system: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+}
+
 #[derive(Deserialize)]
 struct ResponsesAnswer<'a> {
     #[serde(borrow, default)]
@@ -235,6 +244,15 @@ pub(crate) fn request_leaves(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Leaf
                 walk.list(input)?;
             }
         }
+        Endpoint::Messages | Endpoint::MessagesCountTokens => {
+            let request: MessagesRequest = walk.top()?;
+            if let Some(system) = request.system {
+                walk.content(system, 0, 1)?;
+            }
+            if let Some(messages) = request.messages {
+                walk.list(messages)?;
+            }
+        }
         Endpoint::Models | Endpoint::Passthrough => {}
     }
     Ok(walk.leaves)
@@ -252,7 +270,16 @@ pub(crate) fn answer_leaves(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Leaf<
                 walk.content(raw, 0, 0)?;
             }
         }
-        Endpoint::Embeddings | Endpoint::Models | Endpoint::Passthrough => {}
+        Endpoint::Messages => {
+            let answer: Node = walk.top()?;
+            if let Some(content) = answer.content {
+                walk.content(content, 0, 1)?;
+            }
+        }
+        Endpoint::Embeddings
+        | Endpoint::Models
+        | Endpoint::Passthrough
+        | Endpoint::MessagesCountTokens => {}
     }
     Ok(walk.leaves)
 }
@@ -271,7 +298,18 @@ pub(crate) fn stream_leaves(endpoint: Endpoint, data: &[u8]) -> Result<Vec<Leaf<
                 }
             }
         }
-        Endpoint::Embeddings | Endpoint::Models | Endpoint::Passthrough => {}
+        Endpoint::Messages => {
+            let event: ResponsesEvent = walk.top()?;
+            if event.kind.as_deref() == Some("content_block_delta") {
+                if let Some(delta) = event.delta {
+                    walk.content(delta, 0, 1)?;
+                }
+            }
+        }
+        Endpoint::Embeddings
+        | Endpoint::Models
+        | Endpoint::Passthrough
+        | Endpoint::MessagesCountTokens => {}
     }
     Ok(walk.leaves)
 }

@@ -60,7 +60,10 @@ fn answer(request: &UpstreamRequest) -> UpstreamResponse {
             Ok(answer) => json_response(answer),
             Err(message) => error_response(StatusCode::BAD_REQUEST, &message),
         },
-        Endpoint::Models | Endpoint::Passthrough => error_response(
+        Endpoint::Models
+        | Endpoint::Messages
+        | Endpoint::MessagesCountTokens
+        | Endpoint::Passthrough => error_response(
             StatusCode::NOT_FOUND,
             &format!(
                 "the mock provider does not serve {}",

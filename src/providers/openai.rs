@@ -1,21 +1,31 @@
 //! The `openai` kind: any OpenAI-compatible API (OpenAI, vLLM, Ollama, Groq, OpenRouter, ...).
-//! The request is forwarded as the client sent it; only the URL and the key change.
+//! The request is forwarded as the client sent it; only the URL and the key change. The `azure`
+//! kind is the same adapter with Azure's deployment URLs and `api-key` header.
 
-use http::header::AUTHORIZATION;
+use http::header::{HeaderName, AUTHORIZATION};
 use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Full};
 
 use super::client::{self, HttpClient, Settings};
-use super::{BuildError, Provider, SendFuture, UpstreamError, UpstreamRequest, UpstreamResponse};
+use super::{
+    azure, BuildError, Provider, SendFuture, UpstreamError, UpstreamRequest, UpstreamResponse,
+};
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::response::BoxError;
 
+/// Azure OpenAI's key header.
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
 pub struct OpenAi {
     name: String,
-    /// `https://api.openai.com/v1`, without a trailing slash.
+    kind: ProviderKind,
+    /// `https://api.openai.com/v1`, without a trailing slash (Azure: the resource URL).
     base_url: String,
-    /// `Bearer <key>` when the provider has its own key; else the client's header is forwarded.
-    authorization: Option<HeaderValue>,
+    /// The provider's own key as a header (`Authorization: Bearer <key>`, Azure: `api-key`);
+    /// without one the client's header is forwarded.
+    key: Option<(HeaderName, HeaderValue)>,
+    /// Azure's `api-version`.
+    api_version: Option<String>,
     client: HttpClient,
     stream_usage: bool,
 }
@@ -26,48 +36,85 @@ impl OpenAi {
             name: config.name.clone(),
             message,
         };
-        let authorization = if config.api_key.is_empty() {
+        let azure = config.kind == ProviderKind::Azure;
+        let key = if config.api_key.is_empty() {
             None
         } else {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", config.api_key))
+            let (name, text) = if azure {
+                (API_KEY, config.api_key.clone())
+            } else {
+                (AUTHORIZATION, format!("Bearer {}", config.api_key))
+            };
+            let mut value = HeaderValue::from_str(&text)
                 .map_err(|_| error("api_key contains characters not allowed in a header".into()))?;
             value.set_sensitive(true);
-            Some(value)
+            Some((name, value))
         };
         let client =
             client::build(settings, config.ca_file.as_deref()).map_err(|e| error(e.to_string()))?;
+        let base_url = if azure {
+            azure::normalize_base(&config.base_url)
+        } else {
+            config.base_url.trim_end_matches('/').to_owned()
+        };
         Ok(OpenAi {
             name: config.name.clone(),
-            base_url: config.base_url.trim_end_matches('/').to_owned(),
-            authorization,
+            kind: config.kind,
+            base_url,
+            key,
+            api_version: config.api_version.clone(),
             client,
             stream_usage: config.stream_usage,
         })
     }
 
+    fn url(&self, request: &UpstreamRequest) -> String {
+        match &self.api_version {
+            Some(version) => azure::url(
+                &self.base_url,
+                request.endpoint,
+                request.model.as_deref(),
+                &request.path_and_query,
+                version,
+            ),
+            None => format!("{}{}", self.base_url, request.path_and_query),
+        }
+    }
+
     async fn forward(&self, request: UpstreamRequest) -> Result<UpstreamResponse, UpstreamError> {
-        let url = format!("{}{}", self.base_url, request.path_and_query);
+        let url = self.url(&request);
         let mut outgoing = Request::builder()
             .method(request.method)
             .uri(&url)
             .body(Full::new(request.body))
             .map_err(|_| UpstreamError::Url(url.clone()))?;
         *outgoing.headers_mut() = request.headers;
-        if let Some(key) = &self.authorization {
-            outgoing.headers_mut().insert(AUTHORIZATION, key.clone());
+        if let Some((name, value)) = &self.key {
+            // The client's credentials stay with the client when the provider has its own.
+            outgoing.headers_mut().remove(AUTHORIZATION);
+            outgoing.headers_mut().remove(&API_KEY);
+            outgoing.headers_mut().insert(name.clone(), value.clone());
         }
-        let response = self
-            .client
-            .request(outgoing)
-            .await
-            .map_err(|err| classify(&self.base_url, err))?;
-        let (parts, body) = response.into_parts();
-        Ok(UpstreamResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.map_err(|err| Box::new(err) as BoxError).boxed(),
-        })
+        send(&self.client, &self.base_url, outgoing).await
     }
+}
+
+/// Sends a prepared request on a pooled client; the answer's body is streamed, not read.
+pub(crate) async fn send(
+    client: &HttpClient,
+    upstream: &str,
+    outgoing: Request<Full<bytes::Bytes>>,
+) -> Result<UpstreamResponse, UpstreamError> {
+    let response = client
+        .request(outgoing)
+        .await
+        .map_err(|err| classify(upstream, err))?;
+    let (parts, body) = response.into_parts();
+    Ok(UpstreamResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.map_err(|err| Box::new(err) as BoxError).boxed(),
+    })
 }
 
 fn classify(upstream: &str, err: hyper_util::client::legacy::Error) -> UpstreamError {
@@ -88,7 +135,7 @@ impl Provider for OpenAi {
     }
 
     fn kind(&self) -> ProviderKind {
-        ProviderKind::Openai
+        self.kind
     }
 
     fn supports_stream_usage(&self) -> bool {
@@ -96,7 +143,7 @@ impl Provider for OpenAi {
     }
 
     fn has_own_key(&self) -> bool {
-        self.authorization.is_some()
+        self.key.is_some()
     }
 
     fn send(&self, request: UpstreamRequest) -> SendFuture<'_> {
