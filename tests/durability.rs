@@ -17,6 +17,16 @@ struct Process {
     log: std::path::PathBuf,
 }
 
+impl Drop for Process {
+    /// A test that fails half-way must not leave its gateway running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
