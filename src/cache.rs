@@ -9,7 +9,7 @@
 //! releases them too, so a waiter never waits for a leader that is gone.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +21,6 @@ use tokio::sync::watch;
 use crate::config::{CacheConfig, CacheMode};
 use crate::providers::Endpoint;
 
-pub mod key;
 pub mod replay;
 
 pub const HIT: &str = "hit";
@@ -155,18 +154,29 @@ impl ResponseCache {
     /// The key of a call, or `None` when its body is not a JSON object (never cached, never an
     /// error because of the cache).
     pub fn key(&self, input: &KeyInput<'_>) -> Option<Key> {
-        let hasher = key::BodyHasher::new(&self.hash_keys);
-        let mut lanes = hasher.object(input.body, &NOT_IN_KEY)?;
-        for part in [input.endpoint.as_str(), input.provider, input.model] {
-            lanes = hasher.extend(lanes, part.as_bytes());
-        }
-        if let Some(headers) = input.credential {
-            for name in CREDENTIAL_HEADERS {
-                let value = headers.get(name).map_or(&b""[..], |v| v.as_bytes());
-                lanes = hasher.extend(lanes, value);
+        let body: Value = serde_json::from_slice(input.body).ok()?;
+        let object = body.as_object()?;
+        let mut first = self.hash_keys.0.build_hasher();
+        let mut second = self.hash_keys.1.build_hasher();
+        for hasher in [&mut first, &mut second] {
+            input.endpoint.as_str().hash(hasher);
+            input.provider.hash(hasher);
+            input.model.hash(hasher);
+            for (name, value) in object
+                .iter()
+                .filter(|(k, _)| !NOT_IN_KEY.contains(&k.as_str()))
+            {
+                name.hash(hasher);
+                hash_value(value, hasher);
+            }
+            if let Some(headers) = input.credential {
+                for name in CREDENTIAL_HEADERS {
+                    name.hash(hasher);
+                    headers.get(name).map(|v| v.as_bytes()).hash(hasher);
+                }
             }
         }
-        Some(Key(lanes[0], lanes[1]))
+        Some(Key(first.finish(), second.finish()))
     }
 
     /// Reads the cache for `key` as `directive` says, waiting for an identical call in flight
@@ -247,6 +257,49 @@ fn is_deterministic(sampling: &std::collections::BTreeMap<String, Value>) -> boo
         .is_some_and(|t| t == 0.0);
     let seeded = sampling.get("seed").is_some_and(|s| !s.is_null());
     zero_temperature || seeded
+}
+
+/// Hashes a JSON value so that object key order does not matter (serde_json's map is sorted).
+fn hash_value(value: &Value, hasher: &mut impl Hasher) {
+    match value {
+        Value::Null => hasher.write_u8(0),
+        Value::Bool(b) => {
+            hasher.write_u8(1);
+            b.hash(hasher);
+        }
+        Value::Number(n) => {
+            hasher.write_u8(2);
+            if let Some(i) = n.as_i64() {
+                i.hash(hasher);
+            } else if let Some(u) = n.as_u64() {
+                u.hash(hasher);
+            } else if let Some(f) = n.as_f64() {
+                // `1.0` is `1`, as a provider reads it.
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    (f as i64).hash(hasher);
+                } else {
+                    f.to_bits().hash(hasher);
+                }
+            }
+        }
+        Value::String(s) => {
+            hasher.write_u8(3);
+            s.hash(hasher);
+        }
+        Value::Array(items) => {
+            hasher.write_u8(4);
+            items.len().hash(hasher);
+            items.iter().for_each(|item| hash_value(item, hasher));
+        }
+        Value::Object(map) => {
+            hasher.write_u8(5);
+            map.len().hash(hasher);
+            for (name, item) in map {
+                name.hash(hasher);
+                hash_value(item, hasher);
+            }
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -371,6 +424,10 @@ mod tests {
             ),
             (
                 r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":0,"stream":true,"stream_options":{"include_usage":true}}"#,
+                true,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":0.0}"#,
                 true,
             ),
             (

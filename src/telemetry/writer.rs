@@ -290,6 +290,9 @@ impl MetricsWriter {
             let upstream =
                 Self::upstream(&mut self.upstreams, &self.hasher, metrics, provider, model);
             upstream.observe(ms / 1000.0, exemplar);
+        }
+        // A cache hit is all gateway: its whole time is overhead.
+        if trace.latency.upstream_ms.is_some() || trace.cache == crate::cache::HIT {
             metrics
                 .overhead
                 .observe(trace.latency.overhead_ms / 1000.0, exemplar);
