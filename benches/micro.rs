@@ -296,6 +296,7 @@ fn trace() -> Trace {
             input_tokens: Some(212),
             output_tokens: Some(81),
             cached_input_tokens: Some(128),
+            cache_write_input_tokens: None,
             source: "provider".into(),
         },
         cost_usd: Some(0.000_073_5),

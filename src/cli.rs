@@ -779,6 +779,7 @@ const KNOWN_METRICS: &[&str] = &[
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
+    "cache_write_input_tokens",
     "provider_cache_hit_rate",
     "cost_usd",
     "cost_per_request_usd",

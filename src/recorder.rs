@@ -396,8 +396,7 @@ impl Recorder {
             let first = answer.first_content_us.or(event.first_byte_us);
             trace.latency.ttft_ms = first.map(|us| us as f64 / 1000.0);
         }
-        let cache_write = answer.usage.map_or(0, |u| u.cache_write);
-        if let Some(tokens) = tokens_of(&trace.usage, cache_write) {
+        if let Some(tokens) = tokens_of(&trace.usage) {
             let provider = trace.provider.as_deref().unwrap_or("");
             trace.cost_usd = self.pricing.cost(provider, &model, tokens);
         }
@@ -504,6 +503,9 @@ impl Recorder {
                 input_tokens: Some(reported.input),
                 output_tokens: Some(reported.output),
                 cached_input_tokens: Some(reported.cached_input),
+                // Only providers with prompt-cache writes (Anthropic) report them.
+                cache_write_input_tokens: (reported.cache_write > 0)
+                    .then_some(reported.cache_write),
                 source: "provider".into(),
             };
         }
@@ -522,6 +524,7 @@ impl Recorder {
             input_tokens: input,
             output_tokens: output,
             cached_input_tokens: None,
+            cache_write_input_tokens: None,
             source: "counted".into(),
         }
     }
@@ -707,13 +710,12 @@ fn evict_oldest<V>(map: &mut HashMap<String, V>, last_active: impl Fn(&V) -> u64
     }
 }
 
-/// `cache_write`: prompt-cache writes the provider reported (priced apart; not in the trace).
-fn tokens_of(usage: &Usage, cache_write: u64) -> Option<Tokens> {
+fn tokens_of(usage: &Usage) -> Option<Tokens> {
     Some(Tokens {
         input: usage.input_tokens?,
         output: usage.output_tokens.unwrap_or(0),
         cached_input: usage.cached_input_tokens.unwrap_or(0),
-        cache_write,
+        cache_write: usage.cache_write_input_tokens.unwrap_or(0),
     })
 }
 

@@ -213,6 +213,8 @@ pub struct Run {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_input_tokens: u64,
+    #[serde(default)]
+    pub cache_write_input_tokens: u64,
     /// Sum of the known costs; requests without a price add nothing (see `priced_requests`).
     pub cost_usd: f64,
     pub priced_requests: u64,
@@ -264,6 +266,7 @@ impl Run {
             input_tokens: 0,
             output_tokens: 0,
             cached_input_tokens: 0,
+            cache_write_input_tokens: 0,
             cost_usd: 0.0,
             priced_requests: 0,
             cost_saved_usd: 0.0,
@@ -321,6 +324,7 @@ impl Run {
         self.input_tokens += usage.input_tokens.unwrap_or(0);
         self.output_tokens += usage.output_tokens.unwrap_or(0);
         self.cached_input_tokens += usage.cached_input_tokens.unwrap_or(0);
+        self.cache_write_input_tokens += usage.cache_write_input_tokens.unwrap_or(0);
         if let Some(cost) = trace.cost_usd.filter(|cost| cost.is_finite()) {
             self.cost_usd += cost;
             self.priced_requests += 1;
@@ -362,6 +366,7 @@ impl Run {
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
             cached_input_tokens: self.cached_input_tokens,
+            cache_write_input_tokens: self.cache_write_input_tokens,
             provider_cache_hit_rate: ratio(self.cached_input_tokens, self.input_tokens),
             cost_usd: (self.priced_requests > 0).then_some(self.cost_usd),
             cost_per_request_usd: (self.priced_requests > 0)
@@ -480,6 +485,8 @@ pub struct RunMetrics {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_input_tokens: u64,
+    #[serde(default)]
+    pub cache_write_input_tokens: u64,
     /// Share of input tokens the provider served from its prompt cache.
     #[serde(default)]
     pub provider_cache_hit_rate: f64,
@@ -922,6 +929,7 @@ mod tests {
                 input_tokens: Some(10),
                 output_tokens: Some(5),
                 cached_input_tokens: None,
+                cache_write_input_tokens: None,
                 source: "provider".into(),
             },
             cost_usd: Some(0.001),

@@ -138,6 +138,10 @@ pub struct Usage {
     /// Part of `input_tokens` served from the provider's prompt cache.
     #[serde(default)]
     pub cached_input_tokens: Option<u64>,
+    /// Part of `input_tokens` written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), priced at its own rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_input_tokens: Option<u64>,
     /// `provider` when read from the provider's `usage`, `counted` when counted with tiktoken.
     pub source: String,
 }

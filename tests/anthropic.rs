@@ -147,7 +147,7 @@ async fn chat_completion_reaches_claude_translated_and_is_metered() {
     assert_eq!(trace["experiment"], "claude-eval");
     assert_eq!(
         trace["usage"],
-        json!({"input_tokens": 1300, "output_tokens": 50, "cached_input_tokens": 1000, "source": "provider"})
+        json!({"input_tokens": 1300, "output_tokens": 50, "cached_input_tokens": 1000, "cache_write_input_tokens": 200, "source": "provider"})
     );
     // claude-sonnet-4-5: $3 in, $0.30 cache read, $3.75 cache write, $15 out, per 1M.
     let expected = (100.0 * 3.0 + 1000.0 * 0.30 + 200.0 * 3.75 + 50.0 * 15.0) / 1e6;
@@ -164,6 +164,7 @@ async fn chat_completion_reaches_claude_translated_and_is_metered() {
     assert_eq!(run["metrics"]["input_tokens"], 1300);
     assert_eq!(run["metrics"]["output_tokens"], 50);
     assert_eq!(run["metrics"]["cached_input_tokens"], 1000);
+    assert_eq!(run["metrics"]["cache_write_input_tokens"], 200);
     let run_cost = run["metrics"]["cost_usd"].as_f64().unwrap();
     assert!((run_cost - expected).abs() < 1e-12, "{run_cost}");
 }
@@ -602,7 +603,7 @@ async fn messages_are_forwarded_byte_for_byte_and_metered() {
     assert_eq!(trace["sampling"]["max_tokens"], 64);
     assert_eq!(
         trace["usage"],
-        json!({"input_tokens": 162, "output_tokens": 6, "cached_input_tokens": 100, "source": "provider"})
+        json!({"input_tokens": 162, "output_tokens": 6, "cached_input_tokens": 100, "cache_write_input_tokens": 50, "source": "provider"})
     );
     let expected = (12.0 * 3.0 + 100.0 * 0.30 + 50.0 * 3.75 + 6.0 * 15.0) / 1e6;
     assert!(

@@ -246,6 +246,7 @@ fn exposition() -> String {
             input_tokens: Some(1),
             output_tokens: Some(1),
             cached_input_tokens: Some(1),
+            cache_write_input_tokens: None,
             source: "provider".into(),
         },
         latency: Latency {

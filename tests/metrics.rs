@@ -84,6 +84,7 @@ fn finished_call(id: usize, total_ms: f64) -> Trace {
             input_tokens: Some(30),
             output_tokens: Some(20),
             cached_input_tokens: Some(10),
+            cache_write_input_tokens: None,
             source: "provider".into(),
         },
         latency: Latency {

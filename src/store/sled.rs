@@ -561,6 +561,7 @@ mod tests {
                 input_tokens: Some(3),
                 output_tokens: Some(4),
                 cached_input_tokens: None,
+                cache_write_input_tokens: None,
                 source: "provider".into(),
             },
             cache: "miss".into(),

@@ -398,6 +398,7 @@ mod tests {
                 input_tokens: Some(3),
                 output_tokens: Some(2),
                 cached_input_tokens: Some(1),
+                cache_write_input_tokens: None,
                 ..Default::default()
             },
             latency: Latency {
