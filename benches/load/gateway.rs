@@ -122,6 +122,24 @@ impl Flowgate {
     }
 }
 
+/// The shipped config's guardrails (they log: the recorder runs them).
+const SHIPPED_GUARDRAILS: &str = r#"
+[[guardrails]]
+name = "pii"
+stage = "both"
+action = "log"
+
+[[guardrails]]
+name = "secrets"
+stage = "both"
+action = "log"
+
+[[guardrails]]
+name = "prompt_injection"
+stage = "input"
+action = "log"
+"#;
+
 fn config_text(port: u16, dir: &std::path::Path, mock_port: u16) -> String {
     format!(
         r#"[server]
@@ -137,26 +155,19 @@ kind = "openai"
 base_url = "http://127.0.0.1:{mock_port}/v1"
 models = ["gpt-*"]
 
-# The shipped config's guardrails (they log: the recorder runs them).
-[[guardrails]]
-name = "pii"
-stage = "both"
-action = "log"
-
-[[guardrails]]
-name = "secrets"
-stage = "both"
-action = "log"
-
-[[guardrails]]
-name = "prompt_injection"
-stage = "input"
-action = "log"
+{guardrails}{extra}
 "#,
         store = dir.join("flowgate.sled").display(),
         // More [storage] keys to try (e.g. `capture = "metadata"`): FLOWGATE_BENCH_STORAGE.
         storage = std::env::var("FLOWGATE_BENCH_STORAGE")
             .unwrap_or_else(|_| "capture = \"full\"".to_owned()),
+        // FLOWGATE_BENCH_GUARDRAILS=off measures without them; FLOWGATE_BENCH_CONFIG is TOML
+        // added at the end (e.g. "[cache]\nenabled = false").
+        guardrails = match std::env::var("FLOWGATE_BENCH_GUARDRAILS").as_deref() {
+            Ok("off") => "",
+            _ => SHIPPED_GUARDRAILS,
+        },
+        extra = std::env::var("FLOWGATE_BENCH_CONFIG").unwrap_or_default(),
     )
 }
 
