@@ -5,7 +5,7 @@
 //! Each line goes through the public API as a user message of a chat request. A positive line
 //! counts as found when its kind is among the verdict's matches; a match on a negative line, or
 //! of another kind on a positive line, is a false positive. Fails under 0.95 precision or recall
-//! for any check (prompt_injection's recall: 0.85, see `INJECTION_RECALL_FLOOR`). `cargo test --test guardrail_corpus -- --nocapture` prints the table and the
+//! for any check (see `INJECTION_RECALL_FLOOR` on what prompt_injection's recall means). `cargo test --test guardrail_corpus -- --nocapture` prints the table and the
 //! misses.
 
 use std::collections::BTreeMap;
@@ -16,13 +16,11 @@ use flowgate::providers::Endpoint;
 
 const FLOOR: f64 = 0.95;
 
-/// The one exception, stated rather than hidden: prompt_injection's recall. Its rules are
-/// phrasings; two held-out batches written after the rules (the last 80 lines of
-/// prompt_injection.txt) were found at 10/25 and 6/15 before the first was folded into the
-/// rules, so recall on phrasings nobody has seen is far lower than on the rest of the corpus.
-/// Precision holds (no held-out negative flagged). Raise to FLOOR when a better detector (a
-/// classifier) replaces the phrase rules.
-const INJECTION_RECALL_FLOOR: f64 = 0.85;
+/// prompt_injection is held to the same floor, but read its recall with this in mind: its rules
+/// are phrasings, and two held-out batches written after the rules (the last 80 lines of
+/// prompt_injection.txt) were found at 10/25 and 6/15 before each was folded into the rules. On
+/// phrasings nobody has seen, expect about half; precision held on both batches.
+const INJECTION_RECALL_FLOOR: f64 = FLOOR;
 
 struct Line {
     number: usize,
