@@ -189,7 +189,8 @@ def assert_metered(gateway, trace_id: str, endpoint: str) -> dict[str, Any]:
     assert trace["endpoint"] == endpoint
     assert trace["experiment"] == "claude-interop"
     assert trace["usage"] == {"input_tokens": PROMPT_TOKENS, "output_tokens": USAGE["output_tokens"],
-                              "cached_input_tokens": USAGE["cache_read_input_tokens"], "source": "provider"}
+                              "cached_input_tokens": USAGE["cache_read_input_tokens"],
+                              "cache_write_input_tokens": USAGE["cache_creation_input_tokens"], "source": "provider"}
     assert trace["cost_usd"] == pytest.approx(COST, rel=1e-9)
     return trace
 
