@@ -101,6 +101,20 @@ fn check_config(config_path: Option<&Path>) -> Result<(), String> {
         config.storage.capture
     );
     println!("prices: {} models", pricing.len());
+    let cache = &config.cache;
+    if cache.enabled && cache.mode != flowgate::config::CacheMode::Off {
+        println!(
+            "cache:  {:?} mode, {} MB, ttl {} s",
+            cache.mode,
+            cache.max_bytes / (1024 * 1024),
+            cache.ttl_seconds
+        );
+    } else {
+        println!("cache:  off");
+    }
+    for guardrail in &config.guardrails {
+        println!("guardrail: {}", guardrail.describe());
+    }
     println!("\nrouting (first match wins; provider/model picks a provider explicitly):");
     print!("{}", router.describe());
     Ok(())

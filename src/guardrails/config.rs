@@ -49,6 +49,29 @@ pub struct GuardrailConfig {
     pub kinds: Vec<String>,
 }
 
+impl GuardrailConfig {
+    /// `pii: pii on input, redact` — for `check-config`.
+    pub fn describe(&self) -> String {
+        let kind = self
+            .kind
+            .map(CheckKind::as_str)
+            .unwrap_or(self.name.as_str());
+        let stage = match self.stage {
+            Some(StageConfig::Input) => "input",
+            Some(StageConfig::Output) => "output",
+            Some(StageConfig::Both) => "input and output",
+            None if kind == "json_output" => "output",
+            None => "input",
+        };
+        let action = match self.action {
+            Action::Log => "log",
+            Action::Redact => "redact",
+            Action::Block => "block",
+        };
+        format!("{}: {kind} on {stage}, {action}", self.name)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckKind {
