@@ -228,7 +228,10 @@ fn check_config_prints_the_routing_table() {
         "{stdout}"
     );
     // The shipped cache and guardrails, as they will run.
-    assert!(stdout.contains("cache:  Deterministic mode, 256 MB"), "{stdout}");
+    assert!(
+        stdout.contains("cache:  Deterministic mode, 256 MB"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("guardrail: secrets: secrets on input and output, log"),
         "{stdout}"
