@@ -540,7 +540,8 @@ mod tests {
     async fn led() -> (ResponseCache, Key, tokio::time::Instant, Fill) {
         let cache = cache(CacheMode::All);
         let key = key_of(&cache, r#"{"messages":[]}"#, None).expect("key");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // Far away: a waiter that returns did so because the leader released it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
         let Lookup::Miss(leader) = cache.lookup(key, Directive::Auto, deadline).await else {
             panic!("first call must lead");
         };
@@ -550,12 +551,16 @@ mod tests {
     #[tokio::test]
     async fn a_leader_that_goes_away_releases_its_waiters() {
         let (cache, key, deadline, leader) = led().await;
-        let waiter = cache.lookup(key, Directive::Auto, deadline);
+        let waiter = tokio::time::timeout(
+            Duration::from_secs(5),
+            cache.lookup(key, Directive::Auto, deadline),
+        );
         let drop_leader = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             drop(leader);
         };
         let (outcome, ()) = tokio::join!(waiter, drop_leader);
+        let outcome = outcome.expect("the waiter was released, not left to its deadline");
         assert!(
             matches!(outcome, Lookup::Miss(_)),
             "the waiter calls the provider itself"
@@ -565,7 +570,10 @@ mod tests {
     #[tokio::test]
     async fn a_stored_answer_answers_waiters_and_later_calls() {
         let (cache, key, deadline, leader) = led().await;
-        let waiter = cache.lookup(key, Directive::Auto, deadline);
+        let waiter = tokio::time::timeout(
+            Duration::from_secs(5),
+            cache.lookup(key, Directive::Auto, deadline),
+        );
         let finish = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             leader.complete(Some(Entry {
@@ -574,8 +582,9 @@ mod tests {
             }));
         };
         let (outcome, ()) = tokio::join!(waiter, finish);
+        let outcome = outcome.expect("the waiter got the leader's answer");
         assert!(matches!(outcome, Lookup::Hit(ref e) if &e.body[..] == b"{\"ok\":true}"));
-        // The insert runs on a spawned task; a later call finds the entry.
+        // The insert may have become a task of its own; a later call finds the entry.
         let mut later = cache.lookup(key, Directive::Auto, deadline).await;
         for _ in 0..100 {
             if matches!(later, Lookup::Hit(_)) {

@@ -122,6 +122,9 @@ impl Call {
 /// A failed attempt kept while others are tried: the last one is what the client gets.
 enum Failure {
     Answer {
+        /// Who answered, and which of the trace's attempts it was.
+        route: Route,
+        attempt: usize,
         status: StatusCode,
         headers: http::HeaderMap,
         body: Bytes,
@@ -611,29 +614,29 @@ impl Proxy {
                 );
                 if !retryable || last {
                     let upstream = self.check_output(&call, upstream, draft, deadline).await?;
-                    draft.serve_from(&candidate.route);
+                    draft.serve_from(&candidate.route, None);
                     // Kept for the trace as a copy: the body is a slice of the client
                     // connection's read buffer, which the recorder would otherwise pin.
                     draft.request_body = Bytes::copy_from_slice(&body);
                     return Ok(self.respond(&call, upstream, drop_usage_chunk, draft, deadline));
                 }
                 wait_hint = crate::routing::retry_after(&upstream.headers);
-                failure = Some(keep_failure(upstream, deadline).await);
+                let attempt = draft.trace.attempts.len().saturating_sub(1);
+                let route = candidate.route.clone();
+                failure = Some(keep_failure(route, attempt, upstream, deadline).await);
             }
         }
         match failure {
             Some(Failure::Answer {
+                route,
+                attempt,
                 status,
                 headers,
                 body: answer,
             }) => {
-                let route = candidates.last().map(|c| &c.route);
-                let kept = crate::providers::UpstreamResponse {
-                    status,
-                    headers,
-                    body: response::full(answer),
-                };
-                Ok(self.respond_failed(route, kept, draft, deadline))
+                draft.serve_from(&route, Some(attempt));
+                let kept = rebuilt(status, headers, answer);
+                Ok(self.respond_failed(kept, draft, deadline))
             }
             Some(Failure::Error(error)) => Err(error),
             None => {
@@ -688,12 +691,7 @@ impl Proxy {
         let Some(expect) = &call.output_check else {
             return Ok(upstream);
         };
-        let sse = upstream
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if sse || !upstream.status.is_success() {
+        if is_event_stream(&upstream.headers) || !upstream.status.is_success() {
             return Ok(upstream);
         }
         let read = collect_at_most(upstream.body, self.metering_bytes);
@@ -768,11 +766,7 @@ impl Proxy {
         draft: &mut Draft,
         deadline: tokio::time::Instant,
     ) -> Response<ResponseBody> {
-        let sse = upstream
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let sse = is_event_stream(&upstream.headers);
         let drop_usage_chunk = drop_usage_chunk && sse;
         let mut response = Response::new(response::empty());
         *response.status_mut() = upstream.status;
@@ -793,14 +787,10 @@ impl Proxy {
     /// Every attempt failed: the client gets the last failed answer as the provider sent it.
     fn respond_failed(
         &self,
-        route: Option<&Route>,
         upstream: crate::providers::UpstreamResponse,
         draft: &mut Draft,
         deadline: tokio::time::Instant,
     ) -> Response<ResponseBody> {
-        if let Some(route) = route {
-            draft.serve_from(route);
-        }
         draft.trace.status = upstream.status.as_u16();
         draft.fail(
             "upstream_http",
@@ -896,6 +886,13 @@ impl Proxy {
     }
 }
 
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
 fn rebuilt(
     status: StatusCode,
     headers: http::HeaderMap,
@@ -911,6 +908,8 @@ fn rebuilt(
 /// Reads a failed answer (bounded, within the deadline) so its connection is released while
 /// other attempts run, and the client can still get it if they all fail.
 async fn keep_failure(
+    route: Route,
+    attempt: usize,
     upstream: crate::providers::UpstreamResponse,
     deadline: tokio::time::Instant,
 ) -> Failure {
@@ -923,6 +922,8 @@ async fn keep_failure(
     let mut headers = upstream.headers;
     headers.remove(http::header::CONTENT_LENGTH);
     Failure::Answer {
+        route,
+        attempt,
         status,
         headers,
         body,

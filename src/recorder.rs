@@ -429,8 +429,8 @@ impl Recorder {
                 | Endpoint::Messages
                 | Endpoint::MessagesCountTokens
         );
-        let blocked = trace.guardrails.iter().any(|v| v.verdict == "blocked");
-        if !texts || blocked || event.request_body.is_empty() {
+        // A request an input guardrail blocked is not kept: its body is empty here.
+        if !texts || event.request_body.is_empty() {
             return;
         }
         let checked = self.settings.guardrails.check_request_of(
@@ -470,16 +470,12 @@ impl Recorder {
                 let Some(mut guard) = guardrails.stream(expect) else {
                     return;
                 };
-                let mut events = crate::sse::EventSplitter::default();
-                for (_, frame) in &event.response {
-                    events.push(frame);
-                    while let Some(raw) = events.next_event() {
-                        let data = crate::sse::parse_event(&raw).data;
-                        let deltas =
-                            crate::guardrails::stream_deltas(event.endpoint, data.as_bytes());
-                        for delta in deltas.into_iter().flatten() {
-                            guard.push(delta.choice, &delta.text);
-                        }
+                let frames = event.response.iter().map(|(_, frame)| &frame[..]);
+                for raw in crate::sse::split_events(frames).0 {
+                    let data = crate::sse::parse_event(&raw).data;
+                    let deltas = crate::guardrails::stream_deltas(event.endpoint, data.as_bytes());
+                    for delta in deltas.into_iter().flatten() {
+                        guard.push(delta.choice, &delta.text);
                     }
                 }
                 guard.finish().verdicts

@@ -46,6 +46,17 @@ impl EventSplitter {
     }
 }
 
+/// The whole events of a stream that arrived as `frames`, and the bytes after the last one.
+pub fn split_events<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Bytes>, Bytes) {
+    let mut splitter = EventSplitter::default();
+    let mut events = Vec::new();
+    for frame in frames {
+        splitter.push(frame);
+        events.extend(std::iter::from_fn(|| splitter.next_event()));
+    }
+    (events, splitter.take_rest())
+}
+
 /// Index just past the blank line that ends the first event (`\n\n`, `\r\n\r\n` or `\n\r\n`).
 fn event_end(buffer: &[u8]) -> Option<usize> {
     let mut i = 0;

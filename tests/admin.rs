@@ -356,10 +356,7 @@ async fn a_call_still_streaming_at_shutdown_is_recorded_as_cancelled() {
         &json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string(),
     )
     .await;
-    let trace_id = response.headers()["x-flowgate-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let trace_id = trace_id_of(&response);
     let mut body = response.into_body();
     assert!(next_data(&mut body, std::time::Duration::from_secs(5))
         .await

@@ -235,10 +235,7 @@ async fn streamed_chat_is_translated_chunk_by_chunk_and_metered() {
     .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
-    let trace_id = response.headers()["x-flowgate-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let trace_id = trace_id_of(&response);
     let mut body = response.into_body();
 
     // Each Anthropic event reaches the client translated before the next one is sent.

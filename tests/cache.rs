@@ -20,18 +20,7 @@ fn answering(content: &'static str) -> impl Fn(&Seen) -> Reply + Send + Sync + '
 }
 
 async fn trace_of(gateway: &TestGateway, reply: &HttpReply) -> Value {
-    let id = reply.header("x-flowgate-trace-id").to_owned();
-    eventually(Duration::from_secs(5), async || {
-        let reply = send(
-            http::Method::GET,
-            &format!("{}/api/v1/traces/{id}", gateway.url),
-            &[],
-            "",
-        )
-        .await;
-        (reply.status == StatusCode::OK).then(|| reply.json())
-    })
-    .await
+    stored_trace(&gateway.url, reply.header("x-flowgate-trace-id")).await
 }
 
 #[tokio::test]

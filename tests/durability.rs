@@ -140,10 +140,7 @@ async fn sigterm_lets_a_stream_finish_stores_its_trace_and_exits_0() {
         &json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string(),
     )
     .await;
-    let trace_id = response.headers()["x-flowgate-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let trace_id = trace_id_of(&response);
     let mut body = response.into_body();
     let mut received =
         String::from_utf8_lossy(&next_data(&mut body, Duration::from_secs(5)).await.unwrap())

@@ -453,25 +453,12 @@ async fn a_client_that_leaves_mid_stream_leaves_a_cancelled_trace_with_what_was_
         &chat_body(true).to_string(),
     )
     .await;
-    let trace_id = response.headers()["x-flowgate-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let trace_id = trace_id_of(&response);
     let mut body = response.into_body();
     assert!(next_data(&mut body, Duration::from_secs(5)).await.is_some());
     drop(body);
 
-    let trace = eventually(Duration::from_secs(5), async || {
-        let reply = send(
-            Method::GET,
-            &format!("{}/api/v1/traces/{trace_id}", gateway.url),
-            &[],
-            "",
-        )
-        .await;
-        (reply.status == StatusCode::OK).then(|| reply.json())
-    })
-    .await;
+    let trace = stored_trace(&gateway.url, &trace_id).await;
     assert_eq!(trace["error"]["class"], "cancelled");
     assert_eq!(trace["session"], "s-42");
     assert_eq!(trace["response_body"]["content"], "Once");
@@ -730,10 +717,7 @@ async fn http2_clients_are_served() {
     let response = client.request(request).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(response.status(), 200);
-    let trace_id = response.headers()["x-flowgate-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let trace_id = trace_id_of(&response);
     use http_body_util::BodyExt;
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(

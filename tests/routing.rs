@@ -378,3 +378,33 @@ async fn weights_share_the_first_attempts() {
     // Binomial(400, 0.75): mean 300, sd 8.7; ±45 is over five sd.
     assert!((255..=345).contains(&to_a), "a got {to_a} of {calls}");
 }
+
+#[tokio::test]
+async fn a_retry_after_past_the_deadline_returns_the_answer_without_waiting() {
+    let a = Upstream::start(|_| {
+        let error = json!({"error": {"message": "come back later", "type": "rate_limit_error", "code": null}});
+        Reply::JsonWithHeaders(429, vec![("retry-after", "30")], error)
+    })
+    .await;
+    let chat = r#"deployments = [{ provider = "a", model = "gpt-4o-mini" }]"#;
+    let extra = routing_config(
+        &a.base_url(),
+        &a.base_url(),
+        "retries = 2\nbackoff_ms = 1",
+        chat,
+    );
+    let gateway = TestGateway::start(&a.base_url(), "request_timeout_ms = 3000", &extra).await;
+    let started = Instant::now();
+    let reply = gateway.chat(&[], ask()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "it waited: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.json()["error"]["message"], "come back later");
+    assert_eq!(a.requests().len(), 1);
+    let trace = trace_of(&gateway, &reply).await;
+    assert_eq!(attempts(&trace), [("a".into(), json!(429), true)]);
+    assert_eq!(trace["provider"], "a");
+}

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::Entry;
 use crate::providers::Endpoint;
-use crate::sse::{is_usage_only_chunk, parse_event, EventSplitter};
+use crate::sse::{is_usage_only_chunk, parse_event, split_events};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ReplayError {
@@ -38,15 +38,12 @@ pub fn to_client(
 }
 
 fn without_usage_chunk(body: &Bytes) -> Bytes {
-    let mut splitter = EventSplitter::default();
-    splitter.push(body);
+    let (events, rest) = split_events([&body[..]]);
     let mut out = BytesMut::with_capacity(body.len());
-    while let Some(event) = splitter.next_event() {
-        if !is_usage_only_chunk(&event) {
-            out.extend_from_slice(&event);
-        }
+    for event in events.iter().filter(|event| !is_usage_only_chunk(event)) {
+        out.extend_from_slice(event);
     }
-    out.extend_from_slice(&splitter.take_rest());
+    out.extend_from_slice(&rest);
     out.freeze()
 }
 
@@ -182,9 +179,7 @@ fn sse_to_json(endpoint: Endpoint, body: &Bytes) -> Result<Bytes, ReplayError> {
     let mut head = Map::new();
     let mut choices: BTreeMap<u64, Assembled> = BTreeMap::new();
     let mut usage = None;
-    let mut splitter = EventSplitter::default();
-    splitter.push(body);
-    while let Some(raw) = splitter.next_event() {
+    for raw in split_events([&body[..]]).0 {
         let event = parse_event(&raw);
         let Ok(chunk) = serde_json::from_str::<Value>(&event.data) else {
             continue;

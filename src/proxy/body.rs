@@ -161,12 +161,13 @@ impl Draft {
         });
     }
 
-    /// The deployment whose answer the client gets.
-    pub fn serve_from(&mut self, route: &crate::providers::Route) {
+    /// The deployment whose answer the client gets: the given attempt, else the last one.
+    pub fn serve_from(&mut self, route: &crate::providers::Route, attempt: Option<usize>) {
         self.trace.provider = Some(route.provider.name().to_owned());
         self.trace.served_model = Some(route.model.clone());
-        if let Some(last) = self.trace.attempts.last_mut() {
-            last.served = true;
+        let attempt = attempt.or(self.trace.attempts.len().checked_sub(1));
+        if let Some(served) = attempt.and_then(|i| self.trace.attempts.get_mut(i)) {
+            served.served = true;
         }
     }
 

@@ -523,6 +523,29 @@ pub async fn open(
         .unwrap()
 }
 
+/// The trace id a response carries.
+pub fn trace_id_of<B>(response: &Response<B>) -> String {
+    response.headers()["x-flowgate-trace-id"]
+        .to_str()
+        .expect("an ASCII trace id")
+        .to_owned()
+}
+
+/// A trace as the admin API serves it, once the recorder has stored it.
+pub async fn stored_trace(base_url: &str, id: &str) -> Value {
+    eventually(Duration::from_secs(5), async || {
+        let reply = send(
+            Method::GET,
+            &format!("{base_url}/api/v1/traces/{id}"),
+            &[],
+            "",
+        )
+        .await;
+        (reply.status == StatusCode::OK).then(|| reply.json())
+    })
+    .await
+}
+
 /// Reads the next data frame within `limit`, or `None` at the end.
 pub async fn next_data(body: &mut Incoming, limit: Duration) -> Option<Bytes> {
     loop {

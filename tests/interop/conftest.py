@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import openai
 import pytest
@@ -24,6 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("FLOWGATE_BIN", REPO_ROOT / "target" / "debug" / "flowgate"))
 
 STARTUP_TIMEOUT_S = 30.0
+
+# Traces are recorded off the request path, so the admin API may lag the answers a little.
+RECORDING_TIMEOUT_S = 10.0
 
 # Environment variables that would override the test config (CONTRACT section 1).
 OVERRIDING_ENV = ("FLOWGATE_LISTEN", "FLOWGATE_DATA_DIR", "FLOWGATE_CONFIG", "FLOWGATE_ADMIN_TOKEN")
@@ -34,12 +37,14 @@ class Gateway:
     base_url: str
     process: subprocess.Popen
     log_path: Path
+    # Trusts the gateway's certificate when it speaks TLS (see `start_gateway`).
+    ssl_context: Any = None
 
     def get_json(self, path: str) -> tuple[int, Any]:
         """GET an admin API path; returns (status, parsed JSON or None)."""
         request = urllib.request.Request(self.base_url + path, headers={"Accept": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10, context=self.ssl_context) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as err:
             body = err.read()
@@ -50,6 +55,18 @@ class Gateway:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def eventually(check: Callable[[], Optional[Any]], what: str) -> Any:
+    """Polls `check` until it returns something truthy; fails naming `what` and the last value."""
+    deadline = time.monotonic() + RECORDING_TIMEOUT_S
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {RECORDING_TIMEOUT_S:.0f} s waiting for {what}; last seen: {last!r}")
 
 
 def free_port() -> int:
@@ -85,20 +102,27 @@ models = ["mock/*"]
 
 
 def wait_until_healthy(gateway: Gateway) -> None:
+    """Waits for /healthz; over https the check trusts the gateway's `ssl_context`."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last_error: Any = None
     while time.monotonic() < deadline:
         if gateway.process.poll() is not None:
             pytest.fail(
                 f"flowgate exited with code {gateway.process.returncode} during startup:\n{gateway.log()}"
             )
         try:
-            with urllib.request.urlopen(gateway.base_url + "/healthz", timeout=1) as response:
+            with urllib.request.urlopen(
+                gateway.base_url + "/healthz", timeout=1, context=gateway.ssl_context
+            ) as response:
                 if response.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+            last_error = err
         time.sleep(0.1)
-    pytest.fail(f"flowgate did not answer /healthz within {STARTUP_TIMEOUT_S:.0f} s:\n{gateway.log()}")
+    pytest.fail(
+        f"flowgate did not answer {gateway.base_url}/healthz within {STARTUP_TIMEOUT_S:.0f} s "
+        f"(last error: {last_error!r}):\n{gateway.log()}"
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -157,49 +181,6 @@ models = ["mock/*"]
 """
 
 
-@dataclass
-class CustomGateway(Gateway):
-    """A gateway started by `start_gateway`; `ssl_context` trusts its certificate when it speaks TLS."""
-
-    ssl_context: Any = None
-
-    def get_json(self, path: str) -> tuple[int, Any]:
-        request = urllib.request.Request(self.base_url + path, headers={"Accept": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=10, context=self.ssl_context) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as err:
-            body = err.read()
-            try:
-                return err.code, json.loads(body)
-            except ValueError:
-                return err.code, None
-
-
-def wait_until_healthy_with(gateway: CustomGateway) -> None:
-    """`wait_until_healthy` for any scheme: over https the health check trusts `ssl_context`."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    last_error: Any = None
-    while time.monotonic() < deadline:
-        if gateway.process.poll() is not None:
-            pytest.fail(
-                f"flowgate exited with code {gateway.process.returncode} during startup:\n{gateway.log()}"
-            )
-        try:
-            with urllib.request.urlopen(
-                gateway.base_url + "/healthz", timeout=1, context=gateway.ssl_context
-            ) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
-            last_error = err
-        time.sleep(0.1)
-    pytest.fail(
-        f"flowgate did not answer {gateway.base_url}/healthz within {STARTUP_TIMEOUT_S:.0f} s "
-        f"(last error: {last_error!r}):\n{gateway.log()}"
-    )
-
-
 @pytest.fixture
 def start_gateway(tmp_path_factory: pytest.TempPathFactory):
     """Starts flowgate processes with a config of the test's own; all are stopped after the test.
@@ -212,7 +193,7 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail(f"{BINARY} does not exist; run `cargo build` first (or set FLOWGATE_BIN)")
     started: list[subprocess.Popen] = []
 
-    def start(server: str = "", providers: str = MOCK_PROVIDER, ssl_context: Any = None) -> CustomGateway:
+    def start(server: str = "", providers: str = MOCK_PROVIDER, ssl_context: Any = None) -> Gateway:
         directory = tmp_path_factory.mktemp("flowgate-custom")
         port = free_port()
         config = directory / "flowgate.toml"
@@ -242,10 +223,10 @@ path = {toml_string(str(directory / "flowgate.sled"))}
         started.append(process)
         host = "localhost" if ssl_context is not None else "127.0.0.1"
         scheme = "https" if ssl_context is not None else "http"
-        gw = CustomGateway(
+        gw = Gateway(
             base_url=f"{scheme}://{host}:{port}", process=process, log_path=log_path, ssl_context=ssl_context
         )
-        wait_until_healthy_with(gw)
+        wait_until_healthy(gw)
         return gw
 
     try:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any
 
 import anthropic
 import openai
 import pytest
 
-from conftest import toml_string
+from conftest import eventually, toml_string
 
 MODEL = "claude-sonnet-4-6"
 TAGS = {"x-flowgate-experiment": "claude-interop", "x-flowgate-prompt-version": "v1"}
@@ -30,18 +29,6 @@ PROMPT_TOKENS = 1120
 # claude-sonnet-4-6 per 1M tokens: $3 input, $0.30 cache read, $3.75 cache write, $15 output.
 COST = (20 * 3.0 + 1000 * 0.30 + 100 * 3.75 + 12 * 15.0) / 1e6
 ANSWER = "Paris is the capital of France."
-RECORDING_TIMEOUT_S = 10.0
-
-
-def eventually(check: Callable[[], Optional[Any]], what: str) -> Any:
-    deadline = time.monotonic() + RECORDING_TIMEOUT_S
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {RECORDING_TIMEOUT_S:.0f} s waiting for {what}; last seen: {last!r}")
 
 
 # ---------------------------------------------------------------------------------------------

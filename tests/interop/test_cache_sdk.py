@@ -4,15 +4,20 @@ the cache that it parses, and replayed chunks that match OpenAI's spec."""
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
 import uuid
 
 import openai
 import pytest
 
-from conftest import Gateway
-from test_openapi_shapes import CHAT_CHUNK, CHAT_RESPONSE, Spec, spec  # noqa: F401 (the fixture)
+from conftest import Gateway, eventually
+from test_openapi_shapes import (  # noqa: F401 (spec is the fixture)
+    CHAT_CHUNK,
+    CHAT_RESPONSE,
+    Spec,
+    post_json,
+    spec,
+    sse_events,
+)
 
 CHAT_MODEL = "mock/gpt-4o-mini"
 
@@ -23,14 +28,13 @@ def question() -> list[dict]:
 
 
 def until_hit(call, what: str):
-    """The entry is stored right after the first answer ends: retry briefly until it is a hit."""
-    deadline = time.monotonic() + 5
-    while True:
-        raw = call()
-        if raw.headers.get("x-flowgate-cache") == "hit" or time.monotonic() > deadline:
-            assert raw.headers.get("x-flowgate-cache") == "hit", f"{what}: never a hit"
-            return raw
-        time.sleep(0.02)
+    """The entry is stored right after the first answer ends: retry briefly until it is a hit.
+    `call` returns something with `headers`; the hit is returned."""
+    def hit():
+        reply = call()
+        return reply if reply.headers.get("x-flowgate-cache") == "hit" else None
+
+    return eventually(hit, f"{what} answered from the cache")
 
 
 def test_second_deterministic_call_is_a_hit(client: openai.OpenAI):
@@ -72,36 +76,20 @@ def test_sdk_reads_a_stream_answered_from_the_cache(client: openai.OpenAI, store
         assert usage_chunks == []
 
 
-def post(gateway: Gateway, payload: dict) -> tuple[dict, bytes]:
-    request = urllib.request.Request(
-        gateway.base_url + "/v1/chat/completions",
-        data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return dict(response.headers), response.read()
-
-
 def test_replays_match_the_spec(gateway: Gateway, spec: Spec):
     # Stored as JSON, replayed as a stream with usage; stored as a stream, replayed as JSON.
     for first_stream in (False, True):
         payload = {"model": CHAT_MODEL, "temperature": 0, "messages": question()}
-        post(gateway, dict(payload, stream=first_stream))
+        post_json(gateway, "/v1/chat/completions", dict(payload, stream=first_stream))
         again = dict(payload, stream=not first_stream)
         if not first_stream:
             again["stream_options"] = {"include_usage": True}
-        deadline = time.monotonic() + 5
-        while True:
-            headers, body = post(gateway, again)
-            if headers.get("x-flowgate-cache") == "hit" or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        assert headers.get("x-flowgate-cache") == "hit"
+        reply = until_hit(lambda: post_json(gateway, "/v1/chat/completions", again), "the replay")
         if again["stream"]:
-            events = [e[len("data: "):] for e in body.decode().split("\n\n") if e.startswith("data: ")]
+            events = [event.data for event in sse_events(reply.body)]
             assert events[-1] == "[DONE]"
             chunks = [json.loads(e) for e in events[:-1]]
             spec.assert_all_valid([(CHAT_CHUNK, c, f"replayed chunk {i}") for i, c in enumerate(chunks)])
             assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]
         else:
-            spec.assert_valid(CHAT_RESPONSE, json.loads(body), "stream replayed as JSON")
+            spec.assert_valid(CHAT_RESPONSE, reply.json(), "stream replayed as JSON")

@@ -27,23 +27,11 @@ import httpx2
 import openai
 import pytest
 
-from conftest import MOCK_PROVIDER
+from conftest import eventually, MOCK_PROVIDER
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 # Generous against a slow CI machine, small against a hang (the SDK's read timeout is 10 s).
 CALL_DEADLINE_S = 8.0
-RECORDING_TIMEOUT_S = 10.0
-
-
-def eventually(check: Callable[[], Optional[Any]], what: str) -> Any:
-    deadline = time.monotonic() + RECORDING_TIMEOUT_S
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {RECORDING_TIMEOUT_S:.0f} s waiting for {what}; last seen: {last!r}")
 
 
 def run_with_deadline(what: str, work: Callable[[], Any], deadline_s: float = CALL_DEADLINE_S) -> Any:

@@ -5,11 +5,10 @@ Run with `.venv/bin/pytest -q tests/interop` after `cargo build` (scripts/test.s
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Optional
-
 import openai
 import pytest
+
+from conftest import eventually
 
 EXPERIMENT = "interop"
 PROMPT_VERSION = "v1"
@@ -21,20 +20,6 @@ MESSAGES = [
     {"role": "user", "content": "Say hello to the interop test."},
 ]
 
-# Traces are recorded off the request path, so the admin API may lag the answers a little.
-RECORDING_TIMEOUT_S = 10.0
-
-
-def eventually(check: Callable[[], Optional[Any]], what: str) -> Any:
-    """Polls `check` until it returns something truthy; fails naming `what` and the last value."""
-    deadline = time.monotonic() + RECORDING_TIMEOUT_S
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {RECORDING_TIMEOUT_S:.0f} s waiting for {what}; last seen: {last!r}")
 
 
 def stream_text(chunks) -> str:

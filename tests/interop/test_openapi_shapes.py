@@ -239,6 +239,7 @@ class Reply:
     status: int
     content_type: str
     body: bytes
+    headers: dict[str, str]
 
     def json(self) -> Any:
         try:
@@ -260,9 +261,10 @@ def request(
     req = urllib.request.Request(gateway.base_url + path, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
-            return Reply(response.status, response.headers.get("Content-Type", ""), response.read())
+            return Reply(response.status, response.headers.get("Content-Type", ""), response.read(),
+                         dict(response.headers))
     except urllib.error.HTTPError as err:
-        return Reply(err.code, err.headers.get("Content-Type", ""), err.read())
+        return Reply(err.code, err.headers.get("Content-Type", ""), err.read(), dict(err.headers))
 
 
 def post_json(gateway: Gateway, path: str, payload: Any) -> Reply:
