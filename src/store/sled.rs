@@ -5,13 +5,13 @@
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `traces` | 16 raw bytes of the UUIDv7 trace id (big-endian, so time-ordered) | the trace, bodies included |
-//! | `run_traces` | run id ‖ trace id | empty |
-//! | `session_traces` | session ‖ trace id | empty |
-//! | `experiment_traces` | experiment ‖ trace id | empty |
+//! | `run_trace_buckets` | run id ‖ 100 ms bucket | trace ids of the run started in it (see `index`) |
+//! | `session_trace_buckets` | session ‖ 100 ms bucket | likewise, by session |
+//! | `experiment_trace_buckets` | experiment ‖ 100 ms bucket | likewise, by experiment |
 //! | `experiment_runs` | experiment ‖ run id | empty |
 //! | `runs` | run id | [`Run`] with its sketches |
 //! | `experiments` | experiment name | [`Experiment`] |
-//! | `meta` | `schema_version` | u32, big-endian |
+//! | `meta` | `schema_version` | u32, big-endian (2; 1 kept an entry per trace per index) |
 //!
 //! In index keys the first part is length-prefixed (u32, big-endian), so one part's bytes can
 //! never run into the next and a prefix scan for "ab" never sees "abc". Values are a one-byte
@@ -22,7 +22,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use ::sled::{Batch as WriteBatch, Config, Db, IVec, Tree};
+mod index;
+
+use ::sled::{Batch as WriteBatch, Config, Db, Tree};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
@@ -30,9 +32,12 @@ use uuid::Uuid;
 use super::{Batch, Store, StoreError, TracePage, TraceQuery};
 use crate::runs::{Experiment, Run};
 use crate::trace::{Trace, TraceSummary};
+use index::{Additions, TraceIndex};
 
 /// The on-disk layout version; a database with a newer one is refused, not misread.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+/// The index trees of schema 1 (an entry per trace), dropped when such a database is opened.
+const SCHEMA_1_INDEXES: [&str; 3] = ["run_traces", "session_traces", "experiment_traces"];
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// 1 after a clean close, 0 while in use: a 0 at start means the last run crashed.
 const CLEAN_KEY: &[u8] = b"clean_shutdown";
@@ -45,9 +50,9 @@ type TraceKey = [u8; TRACE_KEY_LEN];
 pub struct SledStore {
     db: Db,
     traces: Tree,
-    run_traces: Tree,
-    session_traces: Tree,
-    experiment_traces: Tree,
+    run_traces: TraceIndex,
+    session_traces: TraceIndex,
+    experiment_traces: TraceIndex,
     experiment_runs: Tree,
     runs: Tree,
     experiments: Tree,
@@ -61,9 +66,9 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name);
         Ok(SledStore {
             traces: tree("traces")?,
-            run_traces: tree("run_traces")?,
-            session_traces: tree("session_traces")?,
-            experiment_traces: tree("experiment_traces")?,
+            run_traces: TraceIndex::new(tree("run_trace_buckets")?),
+            session_traces: TraceIndex::new(tree("session_trace_buckets")?),
+            experiment_traces: TraceIndex::new(tree("experiment_trace_buckets")?),
             experiment_runs: tree("experiment_runs")?,
             runs: tree("runs")?,
             experiments: tree("experiments")?,
@@ -85,7 +90,7 @@ impl SledStore {
         &'a self,
         query: &TraceQuery,
         before: Option<TraceKey>,
-    ) -> Result<Box<dyn Iterator<Item = Result<IVec, StoreError>> + 'a>, StoreError> {
+    ) -> Result<Box<dyn Iterator<Item = Result<TraceKey, StoreError>> + 'a>, StoreError> {
         let index = [
             (&self.session_traces, &query.session),
             (&self.run_traces, &query.run),
@@ -98,55 +103,36 @@ impl SledStore {
                 Some(before) => self.traces.range(..before),
                 None => self.traces.range::<&[u8], _>(..),
             };
-            return Ok(Box::new(keys.rev().map(|entry| Ok(entry?.0))));
+            return Ok(Box::new(keys.rev().map(|entry| {
+                let (key, _) = entry?;
+                TraceKey::try_from(key.as_ref()).map_err(|_| corrupt_trace(&key, "", "key".into()))
+            })));
         };
-        let prefix = length_prefixed(value)?;
-        let start = prefix.clone();
-        let keys = match before {
-            Some(before) => tree.range(start..join(&prefix, &before)),
-            None => tree.range(start..=join(&prefix, &[0xff; TRACE_KEY_LEN])),
-        };
-        let prefix_len = prefix.len();
-        Ok(Box::new(keys.rev().map(move |entry| {
-            let (key, _) = entry?;
-            Ok(IVec::from(&key[prefix_len..]))
-        })))
+        Ok(Box::new(tree.newest(value, before)?))
     }
 
-    fn trace_writes(&self, trace: &Trace, writes: &mut Writes) -> Result<(), StoreError> {
+    fn trace_writes(trace: &Trace, writes: &mut Writes) -> Result<(), StoreError> {
         let key = trace_key(&trace.id)?;
         // One record with its bodies: a write per trace fewer than keeping bodies apart, which
         // matters more (the recorder's cost is mostly sled's) than listings decoding the bodies.
         writes.traces.insert(&key, encode("trace", trace)?);
-        self.index_writes(trace, &key, writes)
+        Self::index_writes(trace, &key, writes)
     }
 
     /// The index entries that find a trace by run, experiment and session.
-    fn index_writes(
-        &self,
-        trace: &Trace,
-        key: &[u8],
-        writes: &mut Writes,
-    ) -> Result<(), StoreError> {
-        writes
-            .run_traces
-            .insert(join(&length_prefixed(&trace.run_id)?, key), &[]);
-        writes
-            .experiment_traces
-            .insert(join(&length_prefixed(&trace.experiment)?, key), &[]);
+    fn index_writes(trace: &Trace, key: &TraceKey, writes: &mut Writes) -> Result<(), StoreError> {
+        writes.run_traces.add(&trace.run_id, key)?;
+        writes.experiment_traces.add(&trace.experiment, key)?;
         if let Some(session) = &trace.session {
-            writes
-                .session_traces
-                .insert(join(&length_prefixed(session)?, key), &[]);
+            writes.session_traces.add(session, key)?;
         }
         Ok(())
     }
 
     fn apply_indexes(&self, writes: Writes) -> Result<(), StoreError> {
-        self.run_traces.apply_batch(writes.run_traces)?;
-        self.session_traces.apply_batch(writes.session_traces)?;
-        self.experiment_traces
-            .apply_batch(writes.experiment_traces)?;
+        self.run_traces.write(writes.run_traces)?;
+        self.session_traces.write(writes.session_traces)?;
+        self.experiment_traces.write(writes.experiment_traces)?;
         Ok(())
     }
 }
@@ -214,6 +200,22 @@ fn check_schema(db: &Db, path: &Path) -> Result<(), StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
+    if found == 1 {
+        upgrade_from_schema_1(db, &meta)?;
+    }
+    Ok(())
+}
+
+/// Schema 1 differs only in its indexes: drop them and mark the last session unclean, so the
+/// recorder's start-up recovery rebuilds them (in buckets) from the traces.
+fn upgrade_from_schema_1(db: &Db, meta: &::sled::Tree) -> Result<(), StoreError> {
+    for name in SCHEMA_1_INDEXES {
+        db.drop_tree(name)?;
+    }
+    meta.insert(CLEAN_KEY, &[0])?;
+    meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+    db.flush()?;
+    tracing::info!("store upgraded to schema {SCHEMA_VERSION}: trace indexes are rebuilt");
     Ok(())
 }
 
@@ -222,7 +224,7 @@ impl Store for SledStore {
         let mut writes = Writes::default();
         for trace in &batch.traces {
             // One bad id (a recorder bug) must not cost the rest of the batch.
-            if let Err(err) = self.trace_writes(trace, &mut writes) {
+            if let Err(err) = Self::trace_writes(trace, &mut writes) {
                 tracing::warn!(trace_id = %trace.id, error = %err, "trace not stored");
             }
         }
@@ -242,11 +244,14 @@ impl Store for SledStore {
         // Records, then their indexes, aggregates last. A crash in between can keep traces whose
         // index entries were lost: the next start restores those (`recover_traces`) and
         // recomputes the aggregates.
-        self.traces.apply_batch(writes.traces)?;
-        self.run_traces.apply_batch(writes.run_traces)?;
-        self.session_traces.apply_batch(writes.session_traces)?;
+        self.traces
+            .apply_batch(std::mem::take(&mut writes.traces))?;
+        self.run_traces
+            .write(std::mem::take(&mut writes.run_traces))?;
+        self.session_traces
+            .write(std::mem::take(&mut writes.session_traces))?;
         self.experiment_traces
-            .apply_batch(writes.experiment_traces)?;
+            .write(std::mem::take(&mut writes.experiment_traces))?;
         self.runs.apply_batch(writes.runs)?;
         self.experiment_runs.apply_batch(writes.experiment_runs)?;
         self.experiments.apply_batch(writes.experiments)?;
@@ -395,6 +400,10 @@ impl Store for SledStore {
 
     fn recover_traces(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError> {
         const PER_BATCH: usize = 1000;
+        // Rebuilt from the traces, which are the record of truth.
+        self.run_traces.clear()?;
+        self.session_traces.clear()?;
+        self.experiment_traces.clear()?;
         let mut writes = Writes::default();
         let mut pending = 0;
         for entry in self.traces.iter() {
@@ -406,7 +415,11 @@ impl Store for SledStore {
                     continue;
                 }
             };
-            self.index_writes(&trace, &key, &mut writes)?;
+            let Ok(key) = TraceKey::try_from(key.as_ref()) else {
+                tracing::warn!(key = ?key, "skipping a trace with a malformed key");
+                continue;
+            };
+            Self::index_writes(&trace, &key, &mut writes)?;
             pending += 1;
             if pending == PER_BATCH {
                 self.apply_indexes(std::mem::take(&mut writes))?;
@@ -438,9 +451,9 @@ impl Store for SledStore {
 #[derive(Default)]
 struct Writes {
     traces: WriteBatch,
-    run_traces: WriteBatch,
-    session_traces: WriteBatch,
-    experiment_traces: WriteBatch,
+    run_traces: Additions,
+    session_traces: Additions,
+    experiment_traces: Additions,
     runs: WriteBatch,
     experiment_runs: WriteBatch,
     experiments: WriteBatch,
@@ -573,13 +586,20 @@ mod tests {
         }
     }
 
-    /// 25 traces: experiments alternate a/b, runs cycle r0..r2, sessions s0/s1 on even n.
+    /// 25 traces 1 ms apart: experiments alternate a/b, runs cycle r0..r2, sessions s0/s1 on
+    /// even n.
     fn sample() -> Vec<Trace> {
+        sample_spaced(1)
+    }
+
+    /// As [`sample`], `step_ms` apart: 1 keeps them in one index bucket, 37 and 250 spread them
+    /// over many.
+    fn sample_spaced(step_ms: u64) -> Vec<Trace> {
         (0..25)
             .map(|n| {
                 let session = (n % 2 == 0).then(|| format!("s{}", n % 4 / 2));
                 trace(
-                    n,
+                    n * step_ms,
                     ["a", "b"][n as usize % 2],
                     &format!("r{}", n % 3),
                     session.as_deref(),
@@ -674,49 +694,59 @@ mod tests {
 
     #[test]
     fn pagination_covers_every_filter() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir);
-        let traces = sample();
-        store
-            .apply(&Batch {
-                traces: traces.clone(),
-                ..Batch::default()
-            })
-            .unwrap();
+        for (step_ms, limit, chunk) in [(1, 3, 25), (37, 1, 4), (37, 7, 3), (250, 2, 5)] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(&dir);
+            let traces = sample_spaced(step_ms);
+            // Batches land newest first, as when long streams end after short calls.
+            for batch in traces.chunks(chunk).rev() {
+                store
+                    .apply(&Batch {
+                        traces: batch.to_vec(),
+                        ..Batch::default()
+                    })
+                    .unwrap();
+            }
+            check_every_filter(&store, &traces, limit);
+        }
+    }
+
+    fn check_every_filter(store: &SledStore, traces: &[Trace], limit: usize) {
+        let traces = traces.to_vec();
         let query =
             |experiment: Option<&str>, run: Option<&str>, session: Option<&str>| TraceQuery {
                 experiment: experiment.map(str::to_owned),
                 run: run.map(str::to_owned),
                 session: session.map(str::to_owned),
-                limit: 3,
+                limit,
                 cursor: None,
             };
         assert_eq!(
-            page_all(&store, query(None, None, None)),
+            page_all(store, query(None, None, None)),
             expected(&traces, |_| true)
         );
         assert_eq!(
-            page_all(&store, query(Some("a"), None, None)),
+            page_all(store, query(Some("a"), None, None)),
             expected(&traces, |t| t.experiment == "a")
         );
         assert_eq!(
-            page_all(&store, query(None, Some("r1"), None)),
+            page_all(store, query(None, Some("r1"), None)),
             expected(&traces, |t| t.run_id == "r1")
         );
         assert_eq!(
-            page_all(&store, query(None, None, Some("s1"))),
+            page_all(store, query(None, None, Some("s1"))),
             expected(&traces, |t| t.session.as_deref() == Some("s1"))
         );
         assert_eq!(
-            page_all(&store, query(Some("a"), Some("r2"), None)),
+            page_all(store, query(Some("a"), Some("r2"), None)),
             expected(&traces, |t| t.experiment == "a" && t.run_id == "r2")
         );
         assert_eq!(
-            page_all(&store, query(Some("b"), None, Some("s0"))),
+            page_all(store, query(Some("b"), None, Some("s0"))),
             expected(&traces, |t| t.experiment == "b"
                 && t.session.as_deref() == Some("s0"))
         );
-        assert!(page_all(&store, query(Some("missing"), None, None)).is_empty());
+        assert!(page_all(store, query(Some("missing"), None, None)).is_empty());
     }
 
     #[test]
@@ -818,6 +848,44 @@ mod tests {
             ..TraceQuery::default()
         };
         assert_eq!(store.traces(&query).unwrap().traces.len(), traces.len());
+    }
+
+    #[test]
+    fn a_schema_1_database_gets_its_indexes_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let traces = sample_spaced(37);
+        {
+            // What schema 1 left: traces, and an index entry per trace in trees now unused.
+            let db = Config::new().path(&path).open().unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(SCHEMA_KEY, &1u32.to_be_bytes()).unwrap();
+            meta.insert(CLEAN_KEY, &[1]).unwrap();
+            let stored = db.open_tree("traces").unwrap();
+            let old_index = db.open_tree("run_traces").unwrap();
+            for trace in &traces {
+                let key = trace_key(&trace.id).unwrap();
+                stored.insert(key, encode("trace", trace).unwrap()).unwrap();
+                old_index
+                    .insert(join(&length_prefixed(&trace.run_id).unwrap(), &key), &[])
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = open(&dir);
+        assert!(
+            !store.closed_cleanly().unwrap(),
+            "the upgrade must ask for recovery"
+        );
+        assert!(!store
+            .db
+            .tree_names()
+            .iter()
+            .any(|name| name == b"run_traces"));
+        let mut recovered = 0;
+        store.recover_traces(&mut |_| recovered += 1).unwrap();
+        assert_eq!(recovered, traces.len());
+        check_every_filter(&store, &traces, 4);
     }
 
     #[test]
