@@ -187,10 +187,12 @@ impl<'a> Walk<'a> {
             .checked_sub(self.body.as_ptr() as usize)
             .filter(|start| self.body.get(*start..start + json.len()) == Some(json.as_bytes()))
             .ok_or_else(|| self.error("a text value is not part of the body"))?;
-        let text = match serde_json::from_str::<&'a str>(json) {
-            Ok(borrowed) => Cow::Borrowed(borrowed),
+        // The token was validated when it was read as a raw value: without a backslash, its
+        // text is the bytes between the quotes, borrowed as they are (no second parse).
+        let text = match json.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            Some(inner) if !inner.as_bytes().contains(&b'\\') => Cow::Borrowed(inner),
             // Escapes: the decoded text differs from the bytes.
-            Err(_) => Cow::Owned(self.parse::<String>(json)?),
+            _ => Cow::Owned(self.parse::<String>(json)?),
         };
         self.leaves.push(Leaf {
             span: start..start + json.len(),
