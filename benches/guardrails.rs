@@ -10,15 +10,22 @@
 //!   of 16 bytes (the hold-back window rescans).
 //!
 //! `cargo bench --bench guardrails` (add `-- --quick` for a rougher pass).
+//!
+//! Probe mode, for instruction counts and memory (wall clock on a shared VM is too noisy):
+//! `FLOWGATE_GUARD_PROBE=N target/release/deps/guardrails-*` builds the shipped set from
+//! `config/flowgate.toml`, prints the RSS it added and its compile time, then runs what the
+//! recorder runs per call (logging input checks on a 1 KB chat request, output checks on a 1 KB
+//! answer) N times. Under `valgrind --tool=callgrind`, (Ir at N) − (Ir at 0), over N, is the
+//! instructions per call.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use serde_json::json;
 
 use flowgate::config::{Config, Source};
-use flowgate::guardrails::{Expectation, Guardrails};
+use flowgate::guardrails::{Expectation, Guardrails, Which};
 use flowgate::providers::Endpoint;
 
 /// Chat text as users write it: prose, code, numbers, dates, versions, ids — mostly clean, the
@@ -151,6 +158,59 @@ fn stream_path(c: &mut Criterion) {
     group.finish();
 }
 
+/// The process's resident set, in KB, from `/proc/self/status` (0 where there is none).
+fn rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn chat_answer(text: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "stop",
+        }],
+        "usage": {"prompt_tokens": 250, "completion_tokens": 250, "total_tokens": 500},
+    }))
+    .unwrap_or_default()
+}
+
+/// See the module comment: RSS and compile time of the shipped set, then `calls` recorder calls.
+fn probe(calls: usize) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/flowgate.toml");
+    let shipped = std::fs::read_to_string(path).expect("config/flowgate.toml reads");
+    let config = Config::from_toml(&shipped, Source::BuiltIn).expect("shipped config parses");
+    let before = rss_kb();
+    let started = Instant::now();
+    let rails = Guardrails::from_config(&config.guardrails).expect("shipped guardrails compile");
+    let compile = started.elapsed();
+    let after = rss_kb();
+    let request = chat_body(&text(1024, false));
+    let answer_text = text(2048, false);
+    let answer = chat_answer(&answer_text[1024..]);
+    let mut verdicts = 0;
+    for _ in 0..calls {
+        let input = rails.check_request_of(Which::Logging, Endpoint::ChatCompletions, &request);
+        let expect = rails.expectation(black_box(&request));
+        let output = rails.check_response(Endpoint::ChatCompletions, &expect, black_box(&answer));
+        verdicts += input.map_or(0, |c| c.verdicts.len()) + output.map_or(0, |c| c.verdicts.len());
+    }
+    println!(
+        "compile {:.1} ms, RSS {before} kB -> {after} kB (+{} kB), after calls {} kB; {calls} calls, {verdicts} verdicts",
+        compile.as_secs_f64() * 1e3,
+        after.saturating_sub(before),
+        rss_kb()
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
@@ -158,4 +218,15 @@ criterion_group! {
         .measurement_time(Duration::from_secs(2));
     targets = request_path, stream_path
 }
-criterion_main!(benches);
+
+fn main() {
+    if let Some(calls) = std::env::var("FLOWGATE_GUARD_PROBE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        probe(calls);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
