@@ -17,6 +17,11 @@
 //! recorder runs per call (logging input checks on a 1 KB chat request, output checks on a 1 KB
 //! answer) N times. Under `valgrind --tool=callgrind`, (Ir at N) − (Ir at 0), over N, is the
 //! instructions per call.
+//!
+//! `FLOWGATE_GUARD_PROBE_TEXT=long` makes the request and the answer each the lines of the
+//! labelled corpus (`tests/guardrail_corpus/`) joined, ~30 KB of varied text with findings of
+//! every kind: long prompts are where a lazy DFA that outgrows its cache falls back to a far
+//! slower engine. The probe prints the bytes of text per call, for instructions per byte.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -183,8 +188,34 @@ fn chat_answer(text: &str) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// The labelled corpus's texts (labels and comments dropped), one per line: ~30 KB.
+fn corpus_text() -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guardrail_corpus");
+    let mut out = String::new();
+    for check in ["pii", "secrets", "prompt_injection"] {
+        let file = std::fs::read_to_string(format!("{dir}/{check}.txt")).expect("corpus reads");
+        for line in file.lines().filter(|line| !line.starts_with('#')) {
+            if let Some((_, text)) = line.split_once('\t') {
+                out.push_str(&text.replace("\\n", "\n"));
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The request and answer texts of one probe call: 1 KB each, or the corpus for `long`.
+fn probe_texts(long: bool) -> (String, String) {
+    if long {
+        let corpus = corpus_text();
+        return (corpus.clone(), corpus);
+    }
+    let answer = text(2048, false);
+    (text(1024, false), answer[1024..].to_owned())
+}
+
 /// See the module comment: RSS and compile time of the shipped set, then `calls` recorder calls.
-fn probe(calls: usize) {
+fn probe(calls: usize, long: bool) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/flowgate.toml");
     let shipped = std::fs::read_to_string(path).expect("config/flowgate.toml reads");
     let config = Config::from_toml(&shipped, Source::BuiltIn).expect("shipped config parses");
@@ -193,9 +224,9 @@ fn probe(calls: usize) {
     let rails = Guardrails::from_config(&config.guardrails).expect("shipped guardrails compile");
     let compile = started.elapsed();
     let after = rss_kb();
-    let request = chat_body(&text(1024, false));
-    let answer_text = text(2048, false);
-    let answer = chat_answer(&answer_text[1024..]);
+    let (request_text, answer_text) = probe_texts(long);
+    let request = chat_body(&request_text);
+    let answer = chat_answer(&answer_text);
     let mut verdicts = 0;
     for _ in 0..calls {
         let input = rails.check_request_of(Which::Logging, Endpoint::ChatCompletions, &request);
@@ -204,10 +235,11 @@ fn probe(calls: usize) {
         verdicts += input.map_or(0, |c| c.verdicts.len()) + output.map_or(0, |c| c.verdicts.len());
     }
     println!(
-        "compile {:.1} ms, RSS {before} kB -> {after} kB (+{} kB), after calls {} kB; {calls} calls, {verdicts} verdicts",
+        "compile {:.1} ms, RSS {before} kB -> {after} kB (+{} kB), after calls {} kB; {calls} calls of {} bytes of text, {verdicts} verdicts",
         compile.as_secs_f64() * 1e3,
         after.saturating_sub(before),
-        rss_kb()
+        rss_kb(),
+        request_text.len() + answer_text.len()
     );
 }
 
@@ -224,7 +256,8 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
     {
-        probe(calls);
+        let long = std::env::var("FLOWGATE_GUARD_PROBE_TEXT").is_ok_and(|text| text == "long");
+        probe(calls, long);
         return;
     }
     benches();

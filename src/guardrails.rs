@@ -20,6 +20,7 @@ mod json_output;
 mod pii;
 mod schema;
 mod secrets;
+mod starts;
 mod stream;
 mod user_regex;
 mod verdict;
