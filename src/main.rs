@@ -8,11 +8,25 @@ use flowgate::providers::Router;
 use flowgate::server::Gateway;
 
 /// mimalloc instead of glibc's malloc: per-request allocations are cheaper, and memory freed by
-/// the recorder thread returns to use instead of fragmenting per-thread arenas.
+/// the recorder thread returns to use instead of fragmenting per-thread arenas. Built with
+/// `no_thp`: mimalloc otherwise asks for transparent huge pages, which on this kind of host made
+/// idle RSS 113 MB instead of 71 MB and had the kernel zero 2 MB pages on the request path.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (stable across v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory the recorder's batches free goes back to the OS at once, not after mimalloc's default
+/// 1 s (10 s for arenas): under load that delay alone kept ~25 MB more resident, and returning
+/// it cost no measurable CPU per call.
+fn return_freed_memory_promptly() {
+    // SAFETY: sets a process-wide allocator option; mimalloc reads it on every purge.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 fn main() -> ExitCode {
+    return_freed_memory_promptly();
     let cli = Cli::parse();
     // One process-wide TLS provider, so nothing can pick a different one by accident.
     let _ = rustls::crypto::ring::default_provider().install_default();
