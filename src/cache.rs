@@ -62,8 +62,9 @@ pub struct Entry {
     pub sse: bool,
 }
 
-/// Bytes an entry costs beyond its body (key, Arc, moka's bookkeeping), for the weigher.
-const ENTRY_OVERHEAD: usize = 128;
+/// Bytes an entry costs beyond its body (key, Arc, moka's bookkeeping), for the weigher:
+/// ~450 measured (`memory_probe`), so `max_bytes` bounds the memory the cache really holds.
+const ENTRY_OVERHEAD: usize = 512;
 
 /// `None` while the leader is working; then its answer, or `None` when it got none to share.
 type Outcome = Option<Option<Arc<Entry>>>;
@@ -325,7 +326,14 @@ impl Fill {
     pub fn complete(self, answer: Option<Entry>) {
         let entry = answer
             .filter(|entry| entry.body.len() <= self.max_entry_bytes && is_complete(entry))
-            .map(Arc::new);
+            .map(|entry| {
+                // A copy of its own: the answer's bytes may be a slice of the connection's read
+                // buffer, which a cached slice would keep alive whole, unweighed, for the TTL.
+                Arc::new(Entry {
+                    body: Bytes::copy_from_slice(&entry.body),
+                    sse: entry.sse,
+                })
+            });
         match entry {
             None => self.release(None),
             Some(entry) => self.store(entry),
@@ -641,5 +649,46 @@ mod tests {
             cache.lookup(key, Directive::Auto, deadline).await,
             Lookup::Miss(_)
         ));
+    }
+}
+
+#[cfg(test)]
+mod memory_probe {
+    use super::*;
+
+    fn rss_kb() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap()
+    }
+
+    /// Run alone (RSS is per process): `cargo test --release --lib memory_probe -- --ignored`.
+    #[tokio::test]
+    #[ignore]
+    async fn entry_overhead_is_weighed_honestly() {
+        let cache = ResponseCache::new(&CacheConfig::default()).unwrap();
+        let before = rss_kb();
+        let n = 40_000u64;
+        for i in 0..n {
+            let entry = Arc::new(Entry {
+                body: Bytes::from(vec![b'x'; 1024]),
+                sse: false,
+            });
+            cache.entries.insert(Key(i, i), entry).await;
+        }
+        cache.entries.run_pending_tasks().await;
+        let after = rss_kb();
+        let overhead = ((after - before) * 1024 / n).saturating_sub(1024);
+        println!(
+            "{} entries: {overhead} bytes each beyond the 1 KB body",
+            cache.entries.entry_count()
+        );
+        assert!(
+            overhead <= ENTRY_OVERHEAD as u64,
+            "{overhead} > {ENTRY_OVERHEAD}"
+        );
     }
 }

