@@ -75,6 +75,10 @@ pub struct Config {
     pub guardrails: Vec<crate::guardrails::GuardrailConfig>,
     #[serde(skip)]
     pub source: Option<Source>,
+    /// `guardrails` as `validate` compiled them, so that a gateway compiles them once: the
+    /// compile takes ~130M instructions and its scratch memory stays partly resident.
+    #[serde(skip)]
+    compiled_guardrails: Option<crate::guardrails::Guardrails>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -356,6 +360,7 @@ impl Default for Config {
             pricing: BTreeMap::new(),
             guardrails: Vec::new(),
             source: Some(Source::BuiltIn),
+            compiled_guardrails: None,
         }
     }
 }
@@ -530,9 +535,21 @@ impl Config {
                 )));
             }
         }
-        crate::guardrails::Guardrails::from_config(&self.guardrails)
+        let compiled = crate::guardrails::Guardrails::from_config(&self.guardrails)
             .map_err(|err| self.invalid(err.to_string()))?;
+        self.compiled_guardrails = Some(compiled);
         Ok(())
+    }
+
+    /// The compiled guardrails: those `validate` built, else built now (a config assembled in
+    /// code). Change `guardrails` only before validating.
+    pub fn compiled_guardrails(
+        &self,
+    ) -> Result<crate::guardrails::Guardrails, crate::guardrails::GuardrailError> {
+        match &self.compiled_guardrails {
+            Some(compiled) => Ok(compiled.clone()),
+            None => crate::guardrails::Guardrails::from_config(&self.guardrails),
+        }
     }
 
     fn validate_models(&self) -> Result<(), ConfigError> {

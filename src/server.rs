@@ -74,7 +74,7 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let pricing = Pricing::new(&config.pricing)?;
         let router = Router::from_config(config)?;
-        let guardrails = crate::guardrails::Guardrails::from_config(&config.guardrails)?;
+        let guardrails = config.compiled_guardrails()?;
         let settings = RecorderSettings {
             guardrails: guardrails.clone(),
             ..RecorderSettings::from_config(config)
