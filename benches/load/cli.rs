@@ -27,7 +27,9 @@ pub struct Flags {
     concurrency: Option<usize>,
     /// Run only these parts (comma-separated): nonstream and stream are the open-loop scenarios
     /// (every request different: response-cache misses), cached sends one request over and over
-    /// (cache hits), closed is the closed loop (streamed and not).
+    /// (cache hits), closed is the closed loop (streamed and not), memory is two closed-loop
+    /// halves of new non-streamed calls back to back (not in the default set; with
+    /// `--duration-secs 20` each half is ~200k calls), for RSS after each half.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
     /// Also measure LiteLLM's proxy (installed into .peer-venv on first use: minutes).
@@ -77,6 +79,7 @@ pub enum Part {
     Stream,
     Cached,
     Closed,
+    Memory,
 }
 
 /// The resolved settings, also written into the JSON report.

@@ -74,6 +74,16 @@ pub fn plan(settings: &Settings) -> Vec<Scenario> {
         };
         scenarios.extend([Scenario::new(load, false), Scenario::new(load, true)]);
     }
+    if settings.parts.contains(&Part::Memory) {
+        let load = Load::Closed {
+            workers: settings.concurrency,
+        };
+        // Each half its own prompts (the salt is the experiment): the second half fills the
+        // response cache with new answers, as steady traffic would, instead of hitting the first's.
+        scenarios.extend(
+            ["memory-1st-half", "memory-2nd-half"].map(|kind| Scenario::named(load, false, kind)),
+        );
+    }
     scenarios
 }
 
