@@ -16,13 +16,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `mi_option_purge_delay` in mimalloc.h (stable across v2 and v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
-/// Memory the recorder's batches free goes back to the OS at once, not after mimalloc's default
-/// 1 s (10 s for arenas): under load that delay alone kept ~25 MB more resident, and returning
-/// it cost no measurable CPU per call.
+/// Memory freed under load goes back to the OS after 100 ms instead of mimalloc's default 1 s.
+/// Measured (closed loop, ~200k calls; open loop at 1000 RPS): 0 ms held 164 / 113 MB at 135 µs
+/// per call closed-loop, 100 ms 186 / 117 MB at 110 µs, 1 s 207 / 128 MB at 103 µs: at 0 ms the
+/// kernel spends the difference re-zeroing pages (11.5 GiB purged in 40 s).
 fn return_freed_memory_promptly() {
+    // mimalloc's own variable still wins, for whoever tunes the allocator.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: sets a process-wide allocator option; mimalloc reads it on every purge.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
 }
 
 fn main() -> ExitCode {
