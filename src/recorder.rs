@@ -245,8 +245,14 @@ pub fn spawn(
 }
 
 /// The recorder drains the trace queue at least this often (and flushes every
-/// `flush_interval`): it is never woken by a single trace.
-const MAX_DRAIN_INTERVAL: Duration = Duration::from_millis(25);
+/// `flush_interval`): it is never woken by a single trace, and its work comes in slices short
+/// enough (~10 traces at 1000 calls a second) not to hold up the calls that share its core.
+const MAX_DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Traces are written to the store at least this often. Runs and experiments (whose records,
+/// sketches included, cost more to encode than a batch of traces) only every `flush_interval`:
+/// writing them every 25 ms cost ~45 µs of CPU per call at 1000 calls a second.
+const MAX_WRITE_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Traces gathered before a write; a full batch is written at once.
 const BATCH_SIZE: usize = 512;
@@ -280,6 +286,7 @@ impl Recorder {
         let mut tick = tokio::time::interval(drain_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_flush = tokio::time::Instant::now();
+        let mut last_write = last_flush;
         loop {
             tokio::select! {
                 command = commands.recv() => {
@@ -301,6 +308,12 @@ impl Recorder {
                 },
                 _ = tick.tick() => {
                     self.drain(&mut traces);
+                    // Written in small batches: one write per flush interval was a burst of
+                    // several ms of sled work that delayed the calls sharing its core.
+                    if last_write.elapsed() >= MAX_WRITE_INTERVAL {
+                        self.write_traces();
+                        last_write = tokio::time::Instant::now();
+                    }
                     if last_flush.elapsed() >= self.settings.flush_interval {
                         self.flush();
                         // Durable, not just written: a crash loses at most one interval.
@@ -589,6 +602,20 @@ impl Recorder {
         evict_oldest(&mut self.experiments, |experiment| {
             experiment.last_activity_ms
         });
+    }
+
+    /// Writes the pending traces alone; their runs follow with the next [`Recorder::flush`].
+    fn write_traces(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            traces: std::mem::take(&mut self.pending),
+            ..Batch::default()
+        };
+        if let Err(err) = self.store.apply(&batch) {
+            tracing::error!(%err, traces = batch.traces.len(), "could not store a batch of traces");
+        }
     }
 
     fn flush(&mut self) {
