@@ -69,12 +69,26 @@ impl RunIdentity<'_> {
     }
 }
 
-/// Feeds an unambiguous, allocation-free encoding straight into SHA-256.
-struct CanonicalHash(digest::Context);
+/// Builds an unambiguous encoding and hashes it with SHA-256.
+struct CanonicalHash(Encoding);
+
+/// The encoding's bytes, hashed in one call at the end: feeding SHA-256 a dozen small pieces
+/// one by one cost more than the hashing itself (this runs on every call's request path).
+struct Encoding(Vec<u8>);
+
+impl Encoding {
+    fn update(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn finish(&self) -> digest::Digest {
+        digest::digest(&digest::SHA256, &self.0)
+    }
+}
 
 impl CanonicalHash {
     fn new() -> Self {
-        Self(digest::Context::new(&digest::SHA256))
+        Self(Encoding(Vec::with_capacity(256)))
     }
 
     fn len(&mut self, len: usize) {
@@ -172,7 +186,7 @@ impl CanonicalHash {
     }
 }
 
-struct DigestWriter<'a>(&'a mut digest::Context);
+struct DigestWriter<'a>(&'a mut Encoding);
 
 impl std::fmt::Write for DigestWriter<'_> {
     fn write_str(&mut self, text: &str) -> std::fmt::Result {
