@@ -158,6 +158,9 @@ impl ResponseCache {
     pub fn key(&self, input: &KeyInput<'_>) -> Option<Key> {
         let body: Value = serde_json::from_slice(input.body).ok()?;
         let object = body.as_object()?;
+        let credentials = input.credential.map(|headers| {
+            CREDENTIAL_HEADERS.map(|name| (name, headers.get(name).map(|v| v.as_bytes())))
+        });
         let mut first = self.hash_keys.0.build_hasher();
         let mut second = self.hash_keys.1.build_hasher();
         for hasher in [&mut first, &mut second] {
@@ -171,10 +174,10 @@ impl ResponseCache {
                 name.hash(hasher);
                 hash_value(value, hasher);
             }
-            if let Some(headers) = input.credential {
-                for name in CREDENTIAL_HEADERS {
+            if let Some(credentials) = &credentials {
+                for (name, value) in credentials {
                     name.hash(hasher);
-                    headers.get(name).map(|v| v.as_bytes()).hash(hasher);
+                    value.hash(hasher);
                 }
             }
         }
