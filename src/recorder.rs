@@ -613,6 +613,10 @@ impl Recorder {
             traces: std::mem::take(&mut self.pending),
             ..Batch::default()
         };
+        self.write(batch);
+    }
+
+    fn write(&self, batch: Batch) {
         if let Err(err) = self.store.apply(&batch) {
             tracing::error!(%err, traces = batch.traces.len(), "could not store a batch of traces");
         }
@@ -638,9 +642,7 @@ impl Recorder {
                 .filter_map(|name| self.experiments.get(&name).cloned())
                 .collect(),
         };
-        if let Err(err) = self.store.apply(&batch) {
-            tracing::error!(%err, traces = batch.traces.len(), "could not store a batch of traces");
-        }
+        self.write(batch);
         self.evict();
     }
 

@@ -30,7 +30,7 @@ impl Flowgate {
             .map_err(|err| format!("temp dir: {err}"))?;
         let port = free_port()?;
         let config = dir.path().join("flowgate.toml");
-        std::fs::write(&config, config_text(port, dir.path(), mock_port))
+        std::fs::write(&config, config_text(port, dir.path(), mock_port)?)
             .map_err(|err| format!("{}: {err}", config.display()))?;
         // FLOWGATE_BENCH_WRAPPER runs the gateway under a profiler, e.g.
         // "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out" (use low rates then).
@@ -122,26 +122,26 @@ impl Flowgate {
     }
 }
 
-/// The shipped config's guardrails (they log: the recorder runs them).
-const SHIPPED_GUARDRAILS: &str = r#"
-[[guardrails]]
-name = "pii"
-stage = "both"
-action = "log"
+/// The `[[guardrails]]` of the shipped `config/flowgate.toml` (they log: the recorder runs
+/// them), read from the file so the benchmark measures what ships.
+fn shipped_guardrails() -> Result<String, String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/flowgate.toml");
+    let text = std::fs::read_to_string(path).map_err(|err| format!("{path}: {err}"))?;
+    let shipped: toml::Table = text.parse().map_err(|err| format!("{path}: {err}"))?;
+    let mut guardrails = toml::Table::new();
+    if let Some(rails) = shipped.get("guardrails") {
+        guardrails.insert("guardrails".into(), rails.clone());
+    }
+    toml::to_string(&guardrails).map_err(|err| format!("{path}: {err}"))
+}
 
-[[guardrails]]
-name = "secrets"
-stage = "both"
-action = "log"
-
-[[guardrails]]
-name = "prompt_injection"
-stage = "input"
-action = "log"
-"#;
-
-fn config_text(port: u16, dir: &std::path::Path, mock_port: u16) -> String {
-    format!(
+fn config_text(port: u16, dir: &std::path::Path, mock_port: u16) -> Result<String, String> {
+    // FLOWGATE_BENCH_GUARDRAILS=off measures without them.
+    let guardrails = match std::env::var("FLOWGATE_BENCH_GUARDRAILS").as_deref() {
+        Ok("off") => String::new(),
+        _ => shipped_guardrails()?,
+    };
+    Ok(format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
 
@@ -161,14 +161,9 @@ models = ["gpt-*"]
         // More [storage] keys to try (e.g. `capture = "metadata"`): FLOWGATE_BENCH_STORAGE.
         storage = std::env::var("FLOWGATE_BENCH_STORAGE")
             .unwrap_or_else(|_| "capture = \"full\"".to_owned()),
-        // FLOWGATE_BENCH_GUARDRAILS=off measures without them; FLOWGATE_BENCH_CONFIG is TOML
-        // added at the end (e.g. "[cache]\nenabled = false").
-        guardrails = match std::env::var("FLOWGATE_BENCH_GUARDRAILS").as_deref() {
-            Ok("off") => "",
-            _ => SHIPPED_GUARDRAILS,
-        },
+        // FLOWGATE_BENCH_CONFIG is TOML added at the end (e.g. "[cache]\nenabled = false").
         extra = std::env::var("FLOWGATE_BENCH_CONFIG").unwrap_or_default(),
-    )
+    ))
 }
 
 /// A port nobody listens on now. Another process could take it before the child binds it; on
