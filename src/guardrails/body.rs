@@ -192,12 +192,9 @@ impl<'a> Walk<'a> {
         let inner = json.strip_prefix('"').and_then(|t| t.strip_suffix('"'));
         let text = match inner {
             Some(inner) if !inner.as_bytes().contains(&b'\\') => Cow::Borrowed(inner),
-            // Escapes: the decoded text differs from the bytes. A lone surrogate is left to
-            // serde_json, which refuses it.
-            _ => match inner.and_then(unescape) {
-                Some(decoded) => Cow::Owned(decoded),
-                None => Cow::Owned(self.parse::<String>(json)?),
-            },
+            // Escapes: the decoded text differs from the bytes; serde_json decodes it (and
+            // refuses a lone surrogate).
+            _ => Cow::Owned(self.parse::<String>(json)?),
         };
         self.leaves.push(Leaf {
             span: start..start + json.len(),
@@ -225,52 +222,6 @@ impl<'a> Walk<'a> {
         }
         Ok(())
     }
-}
-
-/// The text of a string token's inside (quotes off) that serde_json has already validated, in
-/// one pass and one allocation; `None` for what only serde_json should judge (a lone surrogate,
-/// anything unexpected).
-fn unescape(inner: &str) -> Option<String> {
-    let mut out = String::with_capacity(inner.len());
-    let mut rest = inner;
-    while let Some(at) = rest.find('\\') {
-        out.push_str(&rest[..at]);
-        let escape = rest.get(at + 1..)?;
-        let (decoded, used) = match escape.as_bytes().first()? {
-            b'"' => ('"', 1),
-            b'\\' => ('\\', 1),
-            b'/' => ('/', 1),
-            b'b' => ('\u{8}', 1),
-            b'f' => ('\u{c}', 1),
-            b'n' => ('\n', 1),
-            b'r' => ('\r', 1),
-            b't' => ('\t', 1),
-            b'u' => unicode_escape(escape)?,
-            _ => return None,
-        };
-        out.push(decoded);
-        rest = escape.get(used..)?;
-    }
-    out.push_str(rest);
-    Some(out)
-}
-
-/// `uXXXX` (and a `\uXXXX` low surrogate after a high one): the char and the bytes it took.
-fn unicode_escape(escape: &str) -> Option<(char, usize)> {
-    let hex = |at: usize| {
-        escape
-            .get(at..at + 4)
-            .and_then(|digits| u32::from_str_radix(digits, 16).ok())
-    };
-    let first = hex(1)?;
-    if !(0xD800..0xDC00).contains(&first) {
-        return char::from_u32(first).map(|c| (c, 5));
-    }
-    if escape.get(5..7)? != "\\u" {
-        return None;
-    }
-    let low = hex(7).filter(|low| (0xDC00..0xE000).contains(low))?;
-    char::from_u32(0x10000 + ((first - 0xD800) << 10) + (low - 0xDC00)).map(|c| (c, 11))
 }
 
 /// The texts a request sends to the model: chat `messages[].content`, completions `prompt`,
