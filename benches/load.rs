@@ -16,6 +16,8 @@ mod child;
 mod cli;
 #[path = "load/drive.rs"]
 mod drive;
+#[path = "load/floor.rs"]
+mod floor;
 #[path = "load/gateway.rs"]
 mod gateway;
 #[path = "load/litellm.rs"]
@@ -43,19 +45,28 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use cli::Settings;
+use floor::FloorProxy;
 use gateway::Flowgate;
 use litellm::Litellm;
 use mock::Mock;
 use report::{
-    ExperimentTraces, GatewayMetrics, Report, ScenarioReport, TraceCheck, DIRECT, FLOWGATE,
+    ExperimentTraces, GatewayMetrics, Report, ScenarioReport, TraceCheck, DIRECT, FLOOR, FLOWGATE,
 };
 use scenario::{Bench, Subject};
 use workload::{Expect, HttpClient, Target};
+
+/// The whole harness (mock, load generator, floor proxy) allocates with what flowgate uses, so the
+/// floor proxy differs from flowgate only in the work it does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Above this error rate a direct or flowgate phase fails the run.
 const MAX_ERROR_RATE: f64 = 0.001;
 
 fn main() -> ExitCode {
+    if let Some(code) = floor::serve_if_asked() {
+        return code;
+    }
     let settings = match flags().settings() {
         Ok(settings) => settings,
         Err(err) => {
@@ -129,6 +140,10 @@ fn default_json_path() -> PathBuf {
 async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
     let admin = workload::client(4);
     let mut flowgate = Flowgate::start(&admin, mock.port).await?;
+    let floor = match settings.floor {
+        true => Some(FloorProxy::start(&admin, mock.port).await?),
+        false => None,
+    };
     let litellm = match settings.litellm {
         true => Some(Litellm::start(&admin, mock.port).await?),
         false => None,
@@ -140,7 +155,7 @@ async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
             chunks: settings.chunks,
         },
         admin: admin.clone(),
-        subjects: subjects(mock, &flowgate, litellm.as_ref()),
+        subjects: subjects(mock, &flowgate, floor.as_ref(), litellm.as_ref()),
         clock_ticks: procfs::clock_ticks(),
     };
     let mut scenarios = Vec::new();
@@ -171,6 +186,7 @@ async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
 fn subjects<'a>(
     mock: &Mock,
     flowgate: &'a Flowgate,
+    floor: Option<&FloorProxy>,
     litellm: Option<&Litellm>,
 ) -> Vec<Subject<'a>> {
     let url = |base: &str| {
@@ -178,26 +194,35 @@ fn subjects<'a>(
             .parse()
             .expect("a valid URL")
     };
-    let mut subjects = vec![
-        Subject {
+    let mut subjects = vec![Subject {
+        target: Target {
+            name: DIRECT,
+            url: url(&format!("http://127.0.0.1:{}", mock.port)),
+            exact: true,
+        },
+        pid: None,
+        flowgate: None,
+    }];
+    if let Some(floor) = floor {
+        subjects.push(Subject {
             target: Target {
-                name: DIRECT,
-                url: url(&format!("http://127.0.0.1:{}", mock.port)),
+                name: FLOOR,
+                url: url(&floor.base),
                 exact: true,
             },
-            pid: None,
+            pid: Some(floor.pid()),
             flowgate: None,
+        });
+    }
+    subjects.push(Subject {
+        target: Target {
+            name: FLOWGATE,
+            url: url(&flowgate.base),
+            exact: true,
         },
-        Subject {
-            target: Target {
-                name: FLOWGATE,
-                url: url(&flowgate.base),
-                exact: true,
-            },
-            pid: Some(flowgate.pid()),
-            flowgate: Some(flowgate),
-        },
-    ];
+        pid: Some(flowgate.pid()),
+        flowgate: Some(flowgate),
+    });
     if let Some(litellm) = litellm {
         subjects.push(Subject {
             // LiteLLM re-serialises answers: only their well-formedness is checked.
@@ -261,7 +286,8 @@ fn failures(scenarios: &[ScenarioReport], traces: &TraceCheck) -> Vec<String> {
     for scenario in scenarios {
         for phase in &scenario.phases {
             let s = &phase.summary;
-            let judged = phase.target == DIRECT || phase.target == FLOWGATE;
+            // The floor proxy is the harness's own: its errors mean the harness is broken.
+            let judged = [DIRECT, FLOOR, FLOWGATE].contains(&phase.target);
             if judged && s.error_rate > MAX_ERROR_RATE {
                 failures.push(format!(
                     "{} via {}: {} of {} requests failed ({:.2}%): {:?}",

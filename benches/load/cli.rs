@@ -35,6 +35,10 @@ pub struct Flags {
     /// Also measure LiteLLM's proxy (installed into .peer-venv on first use: minutes).
     #[arg(long)]
     litellm: bool,
+    /// Leave out the floor: a bare hyper proxy that only forwards (what any proxy of flowgate's
+    /// design costs on this machine), measured by default beside flowgate.
+    #[arg(long)]
+    no_floor: bool,
     /// Size of each chat request body.
     #[arg(long, default_value_t = 1024)]
     request_bytes: usize,
@@ -91,6 +95,7 @@ pub struct Settings {
     pub concurrency: usize,
     pub parts: Vec<Part>,
     pub litellm: bool,
+    pub floor: bool,
     pub request_bytes: usize,
     pub answer_bytes: usize,
     pub upstream_latency_ms: f64,
@@ -138,6 +143,7 @@ impl Flags {
             concurrency: self.concurrency.unwrap_or(16),
             parts,
             litellm: self.litellm,
+            floor: !self.no_floor,
             request_bytes: self.request_bytes,
             answer_bytes: self.answer_bytes,
             upstream_latency_ms: self.upstream_latency_ms.max(0.0),

@@ -13,6 +13,7 @@ use crate::stats::{Percentiles, Summary};
 /// Target names.
 pub const DIRECT: &str = "direct";
 pub const FLOWGATE: &str = "flowgate";
+pub const FLOOR: &str = "floor";
 
 #[derive(Serialize)]
 pub struct Report {

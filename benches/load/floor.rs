@@ -1,0 +1,161 @@
+//! The floor: a bare reverse proxy built from the same parts as flowgate (hyper 1's HTTP/1 server,
+//! hyper-util's pooled client, tokio's multi-thread runtime, mimalloc) that forwards each request
+//! to the mock and streams the answer back, and does nothing else: no parsing, no tagging, no
+//! metrics, no cache, no store. What it costs is what any proxy of this design costs on this
+//! machine (a second hop: two more sockets, two more wake-ups per call), so the report can tell
+//! flowgate's own work from the price of being a proxy at all.
+//!
+//! It runs as a child process (this binary again, with `--floor-proxy`), so its CPU and memory are
+//! read from `/proc` exactly as flowgate's are.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::child::ChildGuard;
+use crate::gateway::free_port;
+use crate::workload::HttpClient;
+
+/// The hidden first argument that makes this binary the floor proxy.
+const SERVE_FLAG: &str = "--floor-proxy";
+
+pub struct FloorProxy {
+    guard: ChildGuard,
+    pub base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl FloorProxy {
+    pub async fn start(client: &HttpClient, mock_port: u16) -> Result<FloorProxy, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("floor-proxy-")
+            .tempdir()
+            .map_err(|err| format!("temp dir: {err}"))?;
+        let port = free_port()?;
+        let exe = std::env::current_exe().map_err(|err| format!("this binary: {err}"))?;
+        let mut command = Command::new(exe);
+        command
+            .arg(SERVE_FLAG)
+            .arg(port.to_string())
+            .arg(mock_port.to_string());
+        let mut guard = ChildGuard::spawn("floor proxy", command, &dir.path().join("floor.log"))?;
+        let base = format!("http://127.0.0.1:{port}");
+        let took = guard
+            .wait_healthy(client, &format!("{base}/healthz"), Duration::from_secs(30))
+            .await?;
+        eprintln!("floor proxy (pid {}) healthy after {took:.1?}", guard.pid());
+        Ok(FloorProxy {
+            guard,
+            base,
+            _dir: dir,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+}
+
+/// When this process was started as the floor proxy (`--floor-proxy LISTEN_PORT UPSTREAM_PORT`),
+/// serves until killed and returns how it ended; otherwise `None`.
+pub fn serve_if_asked() -> Option<ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some(SERVE_FLAG) {
+        return None;
+    }
+    let ports: Vec<u16> = args[1..].iter().filter_map(|a| a.parse().ok()).collect();
+    let [listen, upstream] = ports[..] else {
+        eprintln!("usage: {SERVE_FLAG} LISTEN_PORT UPSTREAM_PORT");
+        return Some(ExitCode::from(2));
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| err.to_string())
+        .and_then(|runtime| runtime.block_on(serve(listen, upstream)));
+    match result {
+        Ok(()) => Some(ExitCode::SUCCESS),
+        Err(err) => {
+            eprintln!("floor proxy: {err}");
+            Some(ExitCode::FAILURE)
+        }
+    }
+}
+
+type Upstream = Client<HttpConnector, Incoming>;
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+async fn serve(listen: u16, upstream_port: u16) -> Result<(), String> {
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], listen)))
+        .await
+        .map_err(|err| format!("bind {listen}: {err}"))?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let upstream: Upstream = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(connector);
+    let authority = format!("127.0.0.1:{upstream_port}");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let upstream = upstream.clone();
+        let authority = authority.clone();
+        tokio::spawn(async move {
+            let service =
+                service_fn(move |request| forward(request, upstream.clone(), authority.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The request as it came, sent to the upstream; the upstream's answer as it comes, streamed back.
+async fn forward(
+    mut request: Request<Incoming>,
+    upstream: Upstream,
+    authority: String,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if request.uri().path() == "/healthz" {
+        return Ok(plain(StatusCode::OK));
+    }
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+    else {
+        return Ok(plain(StatusCode::BAD_REQUEST));
+    };
+    *request.uri_mut() = uri;
+    match upstream.request(request).await {
+        Ok(response) => Ok(response.map(BodyExt::boxed)),
+        Err(_) => Ok(plain(StatusCode::BAD_GATEWAY)),
+    }
+}
+
+fn plain(status: StatusCode) -> Response<ProxyBody> {
+    let body = Empty::new().map_err(|never| match never {}).boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response
+}
