@@ -58,20 +58,13 @@ pub fn split_events<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Byte
 }
 
 /// Index just past the blank line that ends the first event (`\n\n`, `\r\n\r\n` or `\n\r\n`).
+/// Jumps from newline to newline (`memchr`): this runs on every chunk of every stream.
 fn event_end(buffer: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i + 1 < buffer.len() {
-        if buffer[i] == b'\n' {
-            if buffer[i + 1] == b'\n' {
-                return Some(i + 2);
-            }
-            if buffer[i + 1] == b'\r' && buffer.get(i + 2) == Some(&b'\n') {
-                return Some(i + 3);
-            }
-        }
-        i += 1;
-    }
-    None
+    memchr::memchr_iter(b'\n', buffer).find_map(|i| match &buffer[i + 1..] {
+        [b'\n', ..] => Some(i + 2),
+        [b'\r', b'\n', ..] => Some(i + 3),
+        _ => None,
+    })
 }
 
 /// Whether `bytes` end an event, so something appended starts a new one.
@@ -87,22 +80,44 @@ pub struct Event {
 }
 
 pub fn parse_event(raw: &[u8]) -> Event {
-    let text = String::from_utf8_lossy(raw);
     let mut event = Event::default();
-    let mut data_lines: Vec<&str> = Vec::new();
-    for line in text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)) {
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line, ""),
+    let mut data_lines = 0;
+    // Split on bytes, not on a decoded copy: `\n` and `:` never occur inside a UTF-8 sequence,
+    // so decoding each value alone reads the same as decoding the whole event first.
+    for line in lines(raw) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(at) => {
+                let value = &line[at + 1..];
+                (&line[..at], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &[][..]),
         };
         match field {
-            "data" => data_lines.push(value),
-            "event" => event.name = Some(value.to_owned()),
+            b"data" => {
+                if data_lines > 0 {
+                    event.data.push('\n');
+                }
+                event.data.push_str(&String::from_utf8_lossy(value));
+                data_lines += 1;
+            }
+            b"event" => event.name = Some(String::from_utf8_lossy(value).into_owned()),
             _ => {}
         }
     }
-    event.data = data_lines.join("\n");
     event
+}
+
+/// The `\n`-separated lines of `raw` (the last one possibly empty), found with `memchr`.
+fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', raw)
+        .chain(std::iter::once(raw.len()))
+        .map(move |end| {
+            let line = &raw[start..end];
+            start = end + 1;
+            line
+        })
 }
 
 /// Whether a raw chat/completions event is the usage-only chunk (`"choices": []` with a usage
@@ -140,7 +155,7 @@ fn has_usage_object(raw: &[u8]) -> bool {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 #[cfg(test)]
@@ -165,6 +180,50 @@ mod tests {
             assert_eq!(events[1].data, "x");
             assert_eq!(events[2].data, "[DONE]");
             assert!(splitter.take_rest().is_empty());
+        }
+    }
+
+    /// What `parse_event` did before it split bytes: decode the whole event, then split it.
+    fn parse_decoded_first(raw: &[u8]) -> Event {
+        let text = String::from_utf8_lossy(raw);
+        let mut event = Event::default();
+        let mut data_lines: Vec<&str> = Vec::new();
+        for line in text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)) {
+            let (field, value) = match line.split_once(':') {
+                Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+                None => (line, ""),
+            };
+            match field {
+                "data" => data_lines.push(value),
+                "event" => event.name = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+        event.data = data_lines.join("\n");
+        event
+    }
+
+    #[test]
+    fn parsing_bytes_reads_like_decoding_first() {
+        let cases: [&[u8]; 10] = [
+            b"data: {\"a\":1}\n\n",
+            b"event: done\r\ndata: x\r\n\r\n",
+            b"data: a\ndata:b\ndata\n\n",
+            b": comment\nid: 7\ndata:  two spaces\n\n",
+            b"data: caf\xc3\xa9 \xe2\x82\n\n",
+            b"data: \xff\xfe:\xc3\n\xc3\xa9vent: x\n\n",
+            b"event:\nevent: second\ndata: [DONE]",
+            b"data",
+            b"",
+            b"\r\n\r\n",
+        ];
+        for raw in cases {
+            assert_eq!(
+                parse_event(raw),
+                parse_decoded_first(raw),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 
