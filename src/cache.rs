@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::config::{CacheConfig, CacheMode};
 use crate::providers::Endpoint;
 
+mod key;
 pub mod replay;
 
 pub const HIT: &str = "hit";
@@ -97,10 +98,7 @@ pub struct ResponseCache {
     pending: Pending,
     mode: CacheMode,
     max_entry_bytes: usize,
-    hash_keys: (
-        std::collections::hash_map::RandomState,
-        std::collections::hash_map::RandomState,
-    ),
+    hash_keys: key::Lanes,
 }
 
 /// Request fields that choose how an answer is delivered, not what it says.
@@ -156,32 +154,24 @@ impl ResponseCache {
     /// The key of a call, or `None` when its body is not a JSON object (never cached, never an
     /// error because of the cache).
     pub fn key(&self, input: &KeyInput<'_>) -> Option<Key> {
-        let body: Value = serde_json::from_slice(input.body).ok()?;
-        let object = body.as_object()?;
+        let body = key::object_digest(&self.hash_keys, input.body, &NOT_IN_KEY)?;
         let credentials = input.credential.map(|headers| {
             CREDENTIAL_HEADERS.map(|name| (name, headers.get(name).map(|v| v.as_bytes())))
         });
-        let mut first = self.hash_keys.0.build_hasher();
-        let mut second = self.hash_keys.1.build_hasher();
-        for hasher in [&mut first, &mut second] {
+        let digest = key::digest(&self.hash_keys, |hasher| {
             input.endpoint.as_str().hash(hasher);
             input.provider.hash(hasher);
             input.model.hash(hasher);
-            for (name, value) in object
-                .iter()
-                .filter(|(k, _)| !NOT_IN_KEY.contains(&k.as_str()))
-            {
-                name.hash(hasher);
-                hash_value(value, hasher);
-            }
+            hasher.write_u64(body.0);
+            hasher.write_u64(body.1);
             if let Some(credentials) = &credentials {
                 for (name, value) in credentials {
                     name.hash(hasher);
                     value.hash(hasher);
                 }
             }
-        }
-        Some(Key(first.finish(), second.finish()))
+        });
+        Some(Key(digest.0, digest.1))
     }
 
     /// Reads the cache for `key` as `directive` says, waiting for an identical call in flight
@@ -262,49 +252,6 @@ fn is_deterministic(sampling: &std::collections::BTreeMap<String, Value>) -> boo
         .is_some_and(|t| t == 0.0);
     let seeded = sampling.get("seed").is_some_and(|s| !s.is_null());
     zero_temperature || seeded
-}
-
-/// Hashes a JSON value so that object key order does not matter (serde_json's map is sorted).
-fn hash_value(value: &Value, hasher: &mut impl Hasher) {
-    match value {
-        Value::Null => hasher.write_u8(0),
-        Value::Bool(b) => {
-            hasher.write_u8(1);
-            b.hash(hasher);
-        }
-        Value::Number(n) => {
-            hasher.write_u8(2);
-            if let Some(i) = n.as_i64() {
-                i.hash(hasher);
-            } else if let Some(u) = n.as_u64() {
-                u.hash(hasher);
-            } else if let Some(f) = n.as_f64() {
-                // `1.0` is `1`, as a provider reads it.
-                if f.fract() == 0.0 && f.abs() < 9.0e15 {
-                    (f as i64).hash(hasher);
-                } else {
-                    f.to_bits().hash(hasher);
-                }
-            }
-        }
-        Value::String(s) => {
-            hasher.write_u8(3);
-            s.hash(hasher);
-        }
-        Value::Array(items) => {
-            hasher.write_u8(4);
-            items.len().hash(hasher);
-            items.iter().for_each(|item| hash_value(item, hasher));
-        }
-        Value::Object(map) => {
-            hasher.write_u8(5);
-            map.len().hash(hasher);
-            for (name, item) in map {
-                name.hash(hasher);
-                hash_value(item, hasher);
-            }
-        }
-    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -461,11 +408,48 @@ mod tests {
                 r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":0.0001}"#,
                 false,
             ),
+            (
+                " {\"model\" : \"a\",\n \"messages\":[ {\"role\":\"user\", \"content\":\"hi\"} ], \"temperature\":0 } ",
+                true,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"h\u0069"}],"temperature":0}"#,
+                true,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":"0"}"#,
+                false,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"hi"},{"role":"user","content":"hi"}],"temperature":0}"#,
+                false,
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","content":"hi"}],"temperature":0,"metadata":{"stream":true}}"#,
+                false,
+            ),
         ];
         assert!(base.is_some());
         for (body, same) in cases {
             assert_eq!(key_of(&cache, body, None) == base, same, "{body}");
         }
+    }
+
+    #[test]
+    fn key_keeps_array_order_but_not_member_order_at_any_depth() {
+        let cache = cache(CacheMode::All);
+        let key = |body: &str| key_of(&cache, body, None).expect("an object has a key");
+        let ab = r#"{"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"}]}"#;
+        let ba = r#"{"messages":[{"role":"user","content":"b"},{"role":"user","content":"a"}]}"#;
+        assert_ne!(key(ab), key(ba));
+        let deep = r#"{"tools":[{"function":{"name":"f","parameters":{"x":1,"y":[1,2]}}}]}"#;
+        let shuffled = r#"{"tools":[{"function":{"parameters":{"y":[1,2],"x":1},"name":"f"}}]}"#;
+        assert_eq!(key(deep), key(shuffled));
+        let swapped = r#"{"tools":[{"function":{"name":"f","parameters":{"x":1,"y":[2,1]}}}]}"#;
+        assert_ne!(key(deep), key(swapped));
+        // Member names and values do not trade places.
+        assert_ne!(key(r#"{"a":{"b":"c"}}"#), key(r#"{"a":{"c":"b"}}"#));
+        assert_ne!(key(r#"{"a":1,"b":2}"#), key(r#"{"a":2,"b":1}"#));
     }
 
     #[test]
@@ -484,7 +468,14 @@ mod tests {
             key_of(&cache, body, Some(&alice)),
             key_of(&cache, body, Some(&alice))
         );
-        for bad in ["not json", "[1,2]", "\"text\"", ""] {
+        for bad in [
+            "not json",
+            "[1,2]",
+            "\"text\"",
+            "",
+            r#"{"model":"a"} x"#,
+            r#"{"model":"a""#,
+        ] {
             assert_eq!(key_of(&cache, bad, None), None, "{bad}");
         }
     }
