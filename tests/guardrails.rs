@@ -152,20 +152,29 @@ async fn output_redaction_and_block_on_whole_answers() {
     assert!(!trace.to_string().contains(OPENAI_KEY), "{trace}");
 }
 
+/// A key split across two chunks, then a finish chunk and `[DONE]`.
 fn split_key_stream(_: &Seen) -> Reply {
+    split_key_events([finish_chunk(), DONE.to_owned()])
+}
+
+/// The same text, but the upstream just closes the stream: no finish chunk, no `[DONE]`.
+fn split_key_stream_cut_short(_: &Seen) -> Reply {
+    split_key_events([])
+}
+
+fn split_key_events<const N: usize>(ending: [String; N]) -> Reply {
     let (head, tail) = OPENAI_KEY.split_at(20);
+    let text = [
+        chunk("your key is "),
+        chunk(head),
+        chunk(tail),
+        chunk(" - keep it safe"),
+    ];
     Reply::Sse(
-        [
-            chunk("your key is "),
-            chunk(head),
-            chunk(tail),
-            chunk(" - keep it safe"),
-            finish_chunk(),
-            DONE.to_owned(),
-        ]
-        .into_iter()
-        .map(|event| (Duration::from_millis(5), event))
-        .collect(),
+        text.into_iter()
+            .chain(ending)
+            .map(|event| (Duration::from_millis(5), event))
+            .collect(),
     )
 }
 
@@ -183,16 +192,26 @@ fn streamed(text: &str) -> Value {
     body
 }
 
-#[tokio::test]
-async fn streamed_output_logging_catches_a_secret_split_across_chunks() {
-    let upstream = Upstream::start(split_key_stream).await;
+/// How the mock upstream answers.
+type Answer = fn(&Seen) -> Reply;
+
+/// A streamed call through a gateway whose output `secrets` guardrail does `action`, to an
+/// upstream answering with `stream` (kept alive with the gateway, for the trace lookups).
+async fn stream_through(stream: Answer, action: &str) -> (Upstream, TestGateway, HttpReply) {
+    let upstream = Upstream::start(stream).await;
     let gateway = TestGateway::start(
         &upstream.base_url(),
         "",
-        &guardrail("secrets", "output", "log"),
+        &guardrail("secrets", "output", action),
     )
     .await;
     let reply = gateway.chat(&[], streamed("tell me")).await;
+    (upstream, gateway, reply)
+}
+
+#[tokio::test]
+async fn streamed_output_logging_catches_a_secret_split_across_chunks() {
+    let (_upstream, gateway, reply) = stream_through(split_key_stream, "log").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
         reply.streamed_text().contains(OPENAI_KEY),
@@ -207,47 +226,49 @@ async fn streamed_output_logging_catches_a_secret_split_across_chunks() {
     );
 }
 
+/// Redaction holds text back across chunks and block ends the stream, whether the upstream ends
+/// with a finish chunk and `[DONE]` or just closes the stream (held text is released then too).
 #[tokio::test]
 async fn streamed_output_redaction_holds_back_across_chunks_and_block_ends_the_stream() {
-    let upstream = Upstream::start(split_key_stream).await;
-    let gateway = TestGateway::start(
-        &upstream.base_url(),
-        "",
-        &guardrail("secrets", "output", "redact"),
-    )
-    .await;
-    let reply = gateway.chat(&[], streamed("tell me")).await;
-    assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.streamed_text(), "your key is [SECRET] - keep it safe");
-    assert!(
-        !reply.text().contains(&OPENAI_KEY[..20]),
-        "{}",
-        reply.text()
-    );
-    assert!(reply.text().trim_end().ends_with("data: [DONE]"));
-    let trace = stored(&gateway, &reply).await;
-    assert_eq!(verdict(&trace, "secrets")["verdict"], "redacted");
-    assert!(!trace.to_string().contains(&OPENAI_KEY[20..]), "{trace}");
+    let shapes: [(Answer, bool); 2] = [
+        (split_key_stream, true),
+        (split_key_stream_cut_short, false),
+    ];
+    for (stream, ends_with_done) in shapes {
+        let (_upstream, gateway, reply) = stream_through(stream, "redact").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.streamed_text(), "your key is [SECRET] - keep it safe");
+        assert!(
+            !reply.text().contains(&OPENAI_KEY[..20]),
+            "{}",
+            reply.text()
+        );
+        assert_eq!(
+            reply.text().trim_end().ends_with("data: [DONE]"),
+            ends_with_done
+        );
+        let trace = stored(&gateway, &reply).await;
+        assert_eq!(verdict(&trace, "secrets")["verdict"], "redacted");
+        let recorded = trace.to_string();
+        assert!(
+            recorded.contains("[SECRET]"),
+            "what the client got is recorded: {trace}"
+        );
+        assert!(!recorded.contains(&OPENAI_KEY[20..]), "{trace}");
 
-    let upstream = Upstream::start(split_key_stream).await;
-    let gateway = TestGateway::start(
-        &upstream.base_url(),
-        "",
-        &guardrail("secrets", "output", "block"),
-    )
-    .await;
-    let reply = gateway.chat(&[], streamed("tell me")).await;
-    let events = sse_data(&reply.body);
-    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "guardrail_blocked", "{events:?}");
-    assert!(
-        !reply.text().contains(&OPENAI_KEY[..20]),
-        "{}",
-        reply.text()
-    );
-    let trace = stored(&gateway, &reply).await;
-    assert_eq!(verdict(&trace, "secrets")["verdict"], "blocked");
-    assert_eq!(trace["error"]["class"], "guardrail_blocked");
+        let (_upstream, gateway, reply) = stream_through(stream, "block").await;
+        let events = sse_data(&reply.body);
+        let last: Value = serde_json::from_str(events.last().expect("an event")).expect("JSON");
+        assert_eq!(last["error"]["code"], "guardrail_blocked", "{events:?}");
+        assert!(
+            !reply.text().contains(&OPENAI_KEY[..20]),
+            "{}",
+            reply.text()
+        );
+        let trace = stored(&gateway, &reply).await;
+        assert_eq!(verdict(&trace, "secrets")["verdict"], "blocked");
+        assert_eq!(trace["error"]["class"], "guardrail_blocked");
+    }
 }
 
 #[tokio::test]

@@ -471,6 +471,20 @@ impl MeteredBody {
         out
     }
 
+    /// The upstream ended the stream without `[DONE]`: the text output guardrails still hold
+    /// back goes to the client (and into the trace) instead of being lost.
+    fn release_held(&mut self) -> Result<BytesMut, Blocked> {
+        let mut out = BytesMut::new();
+        if let Some(check) = self.check.as_mut() {
+            check.finish_into(&mut out)?;
+            if !out.is_empty() {
+                let at_us = self.draft.started().elapsed().as_micros() as u64;
+                self.captured.push(at_us, Bytes::copy_from_slice(&out));
+            }
+        }
+        Ok(out)
+    }
+
     /// A guardrail blocked the answer mid-stream: an error event, then the end.
     fn block(&mut self, blocked: Blocked) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let message = blocked.message();
@@ -548,13 +562,15 @@ impl Body for MeteredBody {
                     return this.break_off("upstream_stream", "upstream_stream_error", message);
                 }
                 Poll::Ready(None) => {
-                    let rest = this
-                        .events
-                        .as_mut()
-                        .map(EventSplitter::take_rest)
-                        .filter(|r| !r.is_empty());
+                    let mut out = match this.release_held() {
+                        Ok(out) => out,
+                        Err(blocked) => return this.block(blocked),
+                    };
+                    if let Some(rest) = this.events.as_mut().map(EventSplitter::take_rest) {
+                        out.extend_from_slice(&rest);
+                    }
                     this.end();
-                    return Poll::Ready(rest.map(|r| Ok(Frame::data(r))));
+                    return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(out.freeze()))));
                 }
             }
         }

@@ -102,8 +102,9 @@ impl StreamCheck {
         self.verdicts
     }
 
-    /// `[DONE]`: held text of choices that never finished goes out, and the verdicts are in.
-    fn finish_into(&mut self, out: &mut BytesMut) -> Result<(), Blocked> {
+    /// `[DONE]`, or the end of the stream without it: held text of choices that never finished
+    /// goes out, and the verdicts are in.
+    pub fn finish_into(&mut self, out: &mut BytesMut) -> Result<(), Blocked> {
         let Some(guard) = self.guard.take() else {
             return Ok(());
         };
