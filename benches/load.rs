@@ -189,51 +189,35 @@ fn subjects<'a>(
     floor: Option<&FloorProxy>,
     litellm: Option<&Litellm>,
 ) -> Vec<Subject<'a>> {
-    let url = |base: &str| {
-        format!("{base}/v1/chat/completions")
-            .parse()
-            .expect("a valid URL")
-    };
-    let mut subjects = vec![Subject {
+    // `exact`: the answer must arrive byte for byte as the mock sent it. LiteLLM re-serialises
+    // answers, so only their well-formedness is checked.
+    let subject = |name, base: &str, exact, pid| Subject {
         target: Target {
-            name: DIRECT,
-            url: url(&format!("http://127.0.0.1:{}", mock.port)),
-            exact: true,
+            name,
+            url: format!("{base}/v1/chat/completions")
+                .parse()
+                .expect("a valid URL"),
+            exact,
         },
-        pid: None,
+        pid,
         flowgate: None,
-    }];
+    };
+    let direct = format!("http://127.0.0.1:{}", mock.port);
+    let mut subjects = vec![subject(DIRECT, &direct, true, None)];
     if let Some(floor) = floor {
-        subjects.push(Subject {
-            target: Target {
-                name: FLOOR,
-                url: url(&floor.base),
-                exact: true,
-            },
-            pid: Some(floor.pid()),
-            flowgate: None,
-        });
+        subjects.push(subject(FLOOR, &floor.base, true, Some(floor.pid())));
     }
     subjects.push(Subject {
-        target: Target {
-            name: FLOWGATE,
-            url: url(&flowgate.base),
-            exact: true,
-        },
-        pid: Some(flowgate.pid()),
         flowgate: Some(flowgate),
+        ..subject(FLOWGATE, &flowgate.base, true, Some(flowgate.pid()))
     });
     if let Some(litellm) = litellm {
-        subjects.push(Subject {
-            // LiteLLM re-serialises answers: only their well-formedness is checked.
-            target: Target {
-                name: "litellm",
-                url: url(&litellm.base),
-                exact: false,
-            },
-            pid: Some(litellm.pid()),
-            flowgate: None,
-        });
+        subjects.push(subject(
+            "litellm",
+            &litellm.base,
+            false,
+            Some(litellm.pid()),
+        ));
     }
     subjects
 }

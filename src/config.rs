@@ -75,10 +75,14 @@ pub struct Config {
     pub guardrails: Vec<crate::guardrails::GuardrailConfig>,
     #[serde(skip)]
     pub source: Option<Source>,
-    /// `guardrails` as `validate` compiled them, so that a gateway compiles them once: the
-    /// compile takes ~130M instructions and its scratch memory stays partly resident.
+    /// `guardrails` as `validate` compiled them (and the entries they came from), so that a
+    /// gateway compiles them once: the compile takes ~130M instructions and its scratch memory
+    /// stays partly resident.
     #[serde(skip)]
-    compiled_guardrails: Option<crate::guardrails::Guardrails>,
+    compiled_guardrails: Option<(
+        Vec<crate::guardrails::GuardrailConfig>,
+        crate::guardrails::Guardrails,
+    )>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -537,18 +541,18 @@ impl Config {
         }
         let compiled = crate::guardrails::Guardrails::from_config(&self.guardrails)
             .map_err(|err| self.invalid(err.to_string()))?;
-        self.compiled_guardrails = Some(compiled);
+        self.compiled_guardrails = Some((self.guardrails.clone(), compiled));
         Ok(())
     }
 
-    /// The compiled guardrails: those `validate` built, else built now (a config assembled in
-    /// code). Change `guardrails` only before validating.
+    /// The compiled guardrails: those `validate` built when `guardrails` is still what it
+    /// compiled, else built now (a config assembled or changed in code).
     pub fn compiled_guardrails(
         &self,
     ) -> Result<crate::guardrails::Guardrails, crate::guardrails::GuardrailError> {
         match &self.compiled_guardrails {
-            Some(compiled) => Ok(compiled.clone()),
-            None => crate::guardrails::Guardrails::from_config(&self.guardrails),
+            Some((from, compiled)) if *from == self.guardrails => Ok(compiled.clone()),
+            _ => crate::guardrails::Guardrails::from_config(&self.guardrails),
         }
     }
 
@@ -765,6 +769,16 @@ mod tests {
             .providers
             .iter()
             .any(|p| p.kind == ProviderKind::Mock));
+    }
+
+    #[test]
+    fn compiled_guardrails_follow_changes_made_after_validating() {
+        let text = include_str!("../config/flowgate.toml");
+        let mut config = Config::from_toml(text, Source::BuiltIn).unwrap();
+        config.validate().unwrap();
+        assert!(config.compiled_guardrails().unwrap().checks_output());
+        config.guardrails.clear();
+        assert!(config.compiled_guardrails().unwrap().is_empty());
     }
 
     #[test]

@@ -69,42 +69,34 @@ impl RunIdentity<'_> {
     }
 }
 
-/// Builds an unambiguous encoding and hashes it with SHA-256.
-struct CanonicalHash(Encoding);
+/// Builds an unambiguous encoding and hashes it with SHA-256 in one call at the end: feeding
+/// SHA-256 a dozen small pieces one by one cost more than the hashing itself (this runs on every
+/// call's request path).
+struct CanonicalHash(Vec<u8>);
 
-/// The encoding's bytes, hashed in one call at the end: feeding SHA-256 a dozen small pieces
-/// one by one cost more than the hashing itself (this runs on every call's request path).
-struct Encoding(Vec<u8>);
+impl CanonicalHash {
+    fn new() -> Self {
+        Self(Vec::with_capacity(256))
+    }
 
-impl Encoding {
     fn update(&mut self, bytes: &[u8]) {
         self.0.extend_from_slice(bytes);
     }
 
-    fn finish(&self) -> digest::Digest {
-        digest::digest(&digest::SHA256, &self.0)
-    }
-}
-
-impl CanonicalHash {
-    fn new() -> Self {
-        Self(Encoding(Vec::with_capacity(256)))
-    }
-
     fn len(&mut self, len: usize) {
-        self.0.update(&(len as u64).to_be_bytes());
+        self.update(&(len as u64).to_be_bytes());
     }
 
     fn str(&mut self, text: &str) {
         self.len(text.len());
-        self.0.update(text.as_bytes());
+        self.update(text.as_bytes());
     }
 
     fn opt_str(&mut self, text: Option<&str>) {
         match text {
-            None => self.0.update(b"-"),
+            None => self.update(b"-"),
             Some(text) => {
-                self.0.update(b"+");
+                self.update(b"+");
                 self.str(text);
             }
         }
@@ -113,16 +105,16 @@ impl CanonicalHash {
     /// JSON values with a one-byte type tag; object keys in sorted order.
     fn value(&mut self, value: &Value) {
         match value {
-            Value::Null => self.0.update(b"n"),
-            Value::Bool(true) => self.0.update(b"t"),
-            Value::Bool(false) => self.0.update(b"f"),
+            Value::Null => self.update(b"n"),
+            Value::Bool(true) => self.update(b"t"),
+            Value::Bool(false) => self.update(b"f"),
             Value::Number(number) => self.number(number),
             Value::String(text) => {
-                self.0.update(b"s");
+                self.update(b"s");
                 self.str(text);
             }
             Value::Array(items) => {
-                self.0.update(b"a");
+                self.update(b"a");
                 self.len(items.len());
                 items.iter().for_each(|item| self.value(item));
             }
@@ -131,7 +123,7 @@ impl CanonicalHash {
     }
 
     fn object(&mut self, map: &serde_json::Map<String, Value>) {
-        self.0.update(b"o");
+        self.update(b"o");
         self.len(map.len());
         let sorted = map.keys().zip(map.keys().skip(1)).all(|(a, b)| a < b);
         if sorted {
@@ -155,9 +147,9 @@ impl CanonicalHash {
     /// shortest round-trip exponent form; `;` ends the digits, which never contain it.
     fn number(&mut self, number: &serde_json::Number) {
         const EXACT_INTEGER_LIMIT: f64 = 9_007_199_254_740_992.0; // 2^53
-        self.0.update(b"d");
-        let mut digits = DigestWriter(&mut self.0);
-        // Writing into a digest cannot fail; the results are ignored for that reason.
+        self.update(b"d");
+        let mut digits = EncodingWriter(&mut self.0);
+        // Writing into a Vec cannot fail; the results are ignored for that reason.
         let _ = if let Some(integer) = number.as_i64() {
             write!(digits, "{integer}")
         } else if let Some(integer) = number.as_u64() {
@@ -171,12 +163,12 @@ impl CanonicalHash {
                 None => write!(digits, "{number}"),
             }
         };
-        self.0.update(b";");
+        self.update(b";");
     }
 
     fn finish_hex(self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let digest = self.0.finish();
+        let digest = digest::digest(&digest::SHA256, &self.0);
         let mut id = String::with_capacity(16);
         for byte in &digest.as_ref()[..8] {
             id.push(char::from(HEX[usize::from(byte >> 4)]));
@@ -186,11 +178,11 @@ impl CanonicalHash {
     }
 }
 
-struct DigestWriter<'a>(&'a mut Encoding);
+struct EncodingWriter<'a>(&'a mut Vec<u8>);
 
-impl std::fmt::Write for DigestWriter<'_> {
+impl std::fmt::Write for EncodingWriter<'_> {
     fn write_str(&mut self, text: &str) -> std::fmt::Result {
-        self.0.update(text.as_bytes());
+        self.0.extend_from_slice(text.as_bytes());
         Ok(())
     }
 }

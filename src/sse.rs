@@ -141,7 +141,7 @@ pub fn is_usage_only_chunk(raw: &[u8]) -> bool {
 fn has_usage_object(raw: &[u8]) -> bool {
     const KEY: &[u8] = b"\"usage\"";
     let mut from = 0;
-    while let Some(at) = find(&raw[from..], KEY) {
+    while let Some(at) = memchr::memmem::find(&raw[from..], KEY) {
         let rest = &raw[from + at + KEY.len()..];
         let mut value = rest
             .iter()
@@ -152,10 +152,6 @@ fn has_usage_object(raw: &[u8]) -> bool {
         from += at + KEY.len();
     }
     false
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(haystack, needle)
 }
 
 #[cfg(test)]

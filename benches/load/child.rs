@@ -12,6 +12,14 @@ use http::StatusCode;
 use crate::procfs;
 use crate::workload::{self, HttpClient};
 
+/// A temporary directory for a child's config, store and log, removed when dropped.
+pub fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir, String> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|err| format!("temp dir: {err}"))
+}
+
 pub struct ChildGuard {
     name: &'static str,
     child: Child,

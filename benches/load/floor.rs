@@ -24,7 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use crate::child::ChildGuard;
+use crate::child::{scratch_dir, ChildGuard};
 use crate::gateway::free_port;
 use crate::workload::HttpClient;
 
@@ -39,10 +39,7 @@ pub struct FloorProxy {
 
 impl FloorProxy {
     pub async fn start(client: &HttpClient, mock_port: u16) -> Result<FloorProxy, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("floor-proxy-")
-            .tempdir()
-            .map_err(|err| format!("temp dir: {err}"))?;
+        let dir = scratch_dir("floor-proxy-")?;
         let port = free_port()?;
         let exe = std::env::current_exe().map_err(|err| format!("this binary: {err}"))?;
         let mut command = Command::new(exe);

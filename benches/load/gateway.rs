@@ -11,7 +11,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use tempfile::TempDir;
 
-use crate::child::ChildGuard;
+use crate::child::{scratch_dir, ChildGuard};
 use crate::prom::Scrape;
 use crate::workload::{self, HttpClient};
 
@@ -24,10 +24,7 @@ pub struct Flowgate {
 
 impl Flowgate {
     pub async fn start(client: &HttpClient, mock_port: u16) -> Result<Flowgate, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("flowgate-load-")
-            .tempdir()
-            .map_err(|err| format!("temp dir: {err}"))?;
+        let dir = scratch_dir("flowgate-load-")?;
         let port = free_port()?;
         let config = dir.path().join("flowgate.toml");
         std::fs::write(&config, config_text(port, dir.path(), mock_port)?)

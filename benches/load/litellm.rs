@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::child::ChildGuard;
+use crate::child::{scratch_dir, ChildGuard};
 use crate::gateway::free_port;
 use crate::workload::HttpClient;
 
@@ -60,10 +60,7 @@ fn run(command: &mut Command) -> Result<(), String> {
 
 impl Litellm {
     pub async fn start(client: &HttpClient, mock_port: u16) -> Result<Litellm, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("litellm-load-")
-            .tempdir()
-            .map_err(|err| format!("temp dir: {err}"))?;
+        let dir = scratch_dir("litellm-load-")?;
         let config = dir.path().join("litellm.yaml");
         std::fs::write(&config, config_text(mock_port))
             .map_err(|err| format!("{}: {err}", config.display()))?;

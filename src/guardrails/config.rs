@@ -13,7 +13,7 @@ use super::detector::Detector;
 use super::{banned_terms, injection, pii, secrets, user_regex};
 
 /// One `[[guardrails]]` entry, as written in the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuardrailConfig {
     /// Names the guardrail in traces, metrics and error messages.
