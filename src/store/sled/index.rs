@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use ::sled::{Batch as WriteBatch, Tree};
+use ::sled::Tree;
 
 use super::{length_prefixed, TraceKey, TRACE_KEY_LEN};
 use crate::store::StoreError;
@@ -52,19 +52,15 @@ impl TraceIndex {
 
     /// Merges `additions` into the stored buckets.
     pub(super) fn write(&self, additions: Additions) -> Result<(), StoreError> {
-        if additions.buckets.is_empty() {
-            return Ok(());
-        }
-        let mut batch = WriteBatch::default();
+        // Entry by entry, not a sled batch: see `insert_all` in `store/sled.rs`.
         for (key, mut traces) in additions.buckets {
             if let Some(stored) = self.tree.get(&key)? {
                 traces.extend(keys_of(&stored));
             }
             traces.sort_unstable();
             traces.dedup();
-            batch.insert(key, traces.concat());
+            self.tree.insert(key, traces.concat())?;
         }
-        self.tree.apply_batch(batch)?;
         Ok(())
     }
 
