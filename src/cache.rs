@@ -453,6 +453,22 @@ mod tests {
     }
 
     #[test]
+    fn key_tells_numbers_apart_that_share_their_bits() {
+        let cache = cache(CacheMode::All);
+        let key = |body: &str| key_of(&cache, body, None).expect("an object has a key");
+        // -1 and u64::MAX are the same 64 bits; so are 1.5 and 4609434218613702656.
+        assert_ne!(
+            key(r#"{"seed":-1}"#),
+            key(r#"{"seed":18446744073709551615}"#)
+        );
+        assert_ne!(
+            key(r#"{"top_p":1.5}"#),
+            key(r#"{"top_p":4609434218613702656}"#)
+        );
+        assert_eq!(key(r#"{"seed":1.0}"#), key(r#"{"seed":1}"#));
+    }
+
+    #[test]
     fn key_separates_credentials_and_refuses_non_objects() {
         let cache = cache(CacheMode::All);
         let body = r#"{"model":"a","messages":[]}"#;

@@ -100,8 +100,9 @@ impl<'de> Visitor<'de> for Hashing<'_, '_> {
     fn visit_u64<E>(mut self, value: u64) -> Result<(), E> {
         match i64::try_from(value) {
             Ok(value) => self.integer(value),
+            // Tagged apart from the integers that fit i64: -1 and u64::MAX share their bits.
             Err(_) => self.write(|h| {
-                h.write_u8(2);
+                h.write_u8(6);
                 value.hash(h);
             }),
         }
@@ -113,8 +114,9 @@ impl<'de> Visitor<'de> for Hashing<'_, '_> {
         if value.fract() == 0.0 && value.abs() < 9.0e15 {
             self.integer(value as i64);
         } else {
+            // Tagged apart from the integers: 1.5's bits are also an integer's.
             self.write(|h| {
-                h.write_u8(2);
+                h.write_u8(7);
                 value.to_bits().hash(h);
             });
         }
