@@ -19,16 +19,16 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// mimalloc waits `mi_option_arena_purge_mult` (10) times this before purging arena memory: 10 ms.
 const PURGE_DELAY_MS: std::ffi::c_long = 1;
 
-/// Memory freed under load goes back to the OS within ~10 ms, a little at a time.
+/// Memory freed under load goes back to the OS within ~10 ms, a little at a time: RSS after 400k
+/// closed-loop calls was 170 MB instead of 186-188 MB with 1 s (`purge_delay` 100, the setting
+/// before), and CPU per call at 1000 RPS did not move beyond the noise (207 vs 208 µs), though
+/// pages are faulted in again more often (65k vs 40k minor faults per 10k calls).
 ///
-/// Longer delays purge in large batches, and after a burst of load a batch can stall the calls
-/// in flight: with 1 s (`purge_delay` 100, what this was before) or 10 s, closed-loop streams
-/// that followed a closed-loop burst had added p99 of +6 to +21 ms in 7 of 9 runs (one ~18 ms
-/// stall holding every stream in flight), also when a separate thread did the purging; with
-/// purging off, +1.4 to +1.6 ms in 4 of 4, and with 10 ms, +0.7 to +1.0 ms in 4 of 4. (An
-/// interleaved A/B an hour later saw no stall with either, so read this as a risk removed.)
-/// What 10 ms costs and saves, interleaved: RSS after 400k closed-loop calls 170 MB instead of
-/// 186-188 MB, for ~5-10% more CPU per call there (pages faulted in again).
+/// This was first chosen against ~18 ms stalls of closed-loop streams after a closed-loop burst,
+/// which went away when mimalloc's purging was switched off. Those tests set
+/// `MIMALLOC_PURGE_DELAY`, which the load harness's own mimalloc read too; the stalls came back
+/// with this setting, and went away (8 runs of 8) once the harness paused between phases: they
+/// were the previous phase's clean-up in the harness, not the gateway.
 fn return_freed_memory_promptly() {
     // mimalloc's own variable still wins, for whoever tunes the allocator.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {

@@ -163,6 +163,11 @@ impl Settings {
         Duration::from_secs_f64(self.duration_secs)
     }
 
+    /// The pause between phases.
+    pub fn settle(&self) -> Duration {
+        Duration::from_millis(if self.quick { 100 } else { 1000 })
+    }
+
     pub fn drain(&self) -> Duration {
         Duration::from_secs_f64(self.drain_secs)
     }

@@ -138,6 +138,10 @@ impl Bench<'_> {
         order: usize,
     ) -> Result<PhaseReport, String> {
         let settings = self.settings;
+        // A pause between phases, so that what one phase leaves to clean up (its samples and
+        // connections freed, memory returned to the OS by this process's allocator and the
+        // targets') is not done inside the next phase's measurement.
+        tokio::time::sleep(settings.settle()).await;
         let pool = match scenario.load {
             Load::Open { .. } => settings.max_in_flight,
             Load::Closed { workers } => workers,
