@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use crate::error::ApiError;
 use crate::trace::ParentSpan;
@@ -17,6 +17,23 @@ pub const SESSION: &str = "x-flowgate-session";
 pub const CACHE: &str = "x-flowgate-cache";
 /// Picks the provider for pass-through paths whose body names no model.
 pub const PROVIDER: &str = "x-flowgate-provider";
+
+/// The same names, built at compile time: `HeaderMap::get` with a `&str` parses and validates
+/// the name on every lookup, ten times a call.
+mod names {
+    use http::HeaderName;
+
+    pub const EXPERIMENT: HeaderName = HeaderName::from_static(super::EXPERIMENT);
+    pub const RUN: HeaderName = HeaderName::from_static(super::RUN);
+    pub const PROMPT: HeaderName = HeaderName::from_static(super::PROMPT);
+    pub const PROMPT_VERSION: HeaderName = HeaderName::from_static(super::PROMPT_VERSION);
+    pub const PARAMS: HeaderName = HeaderName::from_static(super::PARAMS);
+    pub const TAGS: HeaderName = HeaderName::from_static(super::TAGS);
+    pub const SESSION: HeaderName = HeaderName::from_static(super::SESSION);
+    pub const CACHE: HeaderName = HeaderName::from_static(super::CACHE);
+    pub const PROVIDER: HeaderName = HeaderName::from_static(super::PROVIDER);
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+}
 
 pub const DEFAULT_EXPERIMENT: &str = "default";
 const MAX_VALUE_LEN: usize = 256;
@@ -37,37 +54,38 @@ pub struct RequestContext {
 
 impl RequestContext {
     pub fn from_headers(headers: &HeaderMap) -> Result<RequestContext, ApiError> {
-        let experiment = header(headers, EXPERIMENT)?
+        let experiment = header(headers, &names::EXPERIMENT)?
             .unwrap_or(DEFAULT_EXPERIMENT)
             .to_owned();
-        let (prompt_id, version_in_id) = match header(headers, PROMPT)? {
+        let (prompt_id, version_in_id) = match header(headers, &names::PROMPT)? {
             Some(prompt) => match prompt.split_once('@') {
                 Some((id, version)) => (Some(id.to_owned()), non_empty(version)),
                 None => (Some(prompt.to_owned()), None),
             },
             None => (None, None),
         };
-        let prompt_version = version_in_id.or(header(headers, PROMPT_VERSION)?.map(str::to_owned));
+        let prompt_version =
+            version_in_id.or(header(headers, &names::PROMPT_VERSION)?.map(str::to_owned));
         Ok(RequestContext {
             experiment,
-            run_name: header(headers, RUN)?.map(str::to_owned),
+            run_name: header(headers, &names::RUN)?.map(str::to_owned),
             prompt_id,
             prompt_version,
-            params: pairs(headers, PARAMS)?,
-            tags: pairs(headers, TAGS)?,
-            session: header(headers, SESSION)?.map(str::to_owned),
-            parent: header(headers, "traceparent")
+            params: pairs(headers, &names::PARAMS)?,
+            tags: pairs(headers, &names::TAGS)?,
+            session: header(headers, &names::SESSION)?.map(str::to_owned),
+            parent: header(headers, &names::TRACEPARENT)
                 .ok()
                 .flatten()
                 .and_then(parse_traceparent),
-            provider: header(headers, PROVIDER)?.map(str::to_owned),
+            provider: header(headers, &names::PROVIDER)?.map(str::to_owned),
             cache: cache_directive(headers)?,
         })
     }
 }
 
 fn cache_directive(headers: &HeaderMap) -> Result<crate::cache::Directive, ApiError> {
-    let Some(value) = header(headers, CACHE)? else {
+    let Some(value) = header(headers, &names::CACHE)? else {
         return Ok(crate::cache::Directive::Auto);
     };
     crate::cache::Directive::parse(value).ok_or_else(|| {
@@ -83,7 +101,7 @@ fn non_empty(value: &str) -> Option<String> {
 }
 
 /// A tagging header's trimmed value; empty counts as absent.
-fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
+fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, ApiError> {
     let Some(value) = headers.get(name) else {
         return Ok(None);
     };
@@ -96,7 +114,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a s
             )
         })?
         .trim();
-    if value.len() > MAX_VALUE_LEN && name != PARAMS && name != TAGS {
+    if value.len() > MAX_VALUE_LEN && *name != names::PARAMS && *name != names::TAGS {
         return Err(ApiError::invalid_request(
             "invalid_header",
             format!("header {name} is longer than {MAX_VALUE_LEN} characters"),
@@ -106,7 +124,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a s
 }
 
 /// `k=v,k2=v2` → map. A pair without `=` is an error rather than a silently lost param.
-fn pairs(headers: &HeaderMap, name: &'static str) -> Result<BTreeMap<String, String>, ApiError> {
+fn pairs(headers: &HeaderMap, name: &HeaderName) -> Result<BTreeMap<String, String>, ApiError> {
     let mut map = BTreeMap::new();
     let Some(value) = header(headers, name)? else {
         return Ok(map);

@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::request::Parts;
-use http::{HeaderValue, Method, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -976,9 +976,13 @@ fn fallback_run_id(trace: &Trace) -> String {
 }
 
 fn add_trace_headers(response: &mut Response<ResponseBody>, trace: &Trace) {
+    // Built at compile time: inserting by `&str` parses and validates the name on every call.
+    const TRACE_ID: HeaderName = HeaderName::from_static(TRACE_ID_HEADER);
+    const RUN_ID: HeaderName = HeaderName::from_static(RUN_ID_HEADER);
+    const CACHE: HeaderName = HeaderName::from_static(CACHE_HEADER);
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&trace.id) {
-        headers.insert(TRACE_ID_HEADER, value);
+        headers.insert(TRACE_ID, value);
     }
     let run_id = if trace.run_id.is_empty() {
         fallback_run_id(trace)
@@ -986,12 +990,12 @@ fn add_trace_headers(response: &mut Response<ResponseBody>, trace: &Trace) {
         trace.run_id.clone()
     };
     if let Ok(value) = HeaderValue::from_str(&run_id) {
-        headers.insert(RUN_ID_HEADER, value);
+        headers.insert(RUN_ID, value);
     }
     let cache = match trace.cache.as_str() {
         cache::HIT => cache::HIT,
         cache::MISS => cache::MISS,
         _ => cache::BYPASS,
     };
-    headers.insert(CACHE_HEADER, HeaderValue::from_static(cache));
+    headers.insert(CACHE, HeaderValue::from_static(cache));
 }
