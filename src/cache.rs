@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{header, HeaderMap, HeaderName};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -105,7 +105,12 @@ pub struct ResponseCache {
 const NOT_IN_KEY: [&str; 3] = ["model", "stream", "stream_options"];
 
 /// Headers that carry a client's own key to the provider.
-const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+/// Built at compile time: `HeaderMap::get` with a `&str` parses the name on every call.
+const CREDENTIAL_HEADERS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+];
 
 impl ResponseCache {
     /// `None` when the cache is switched off.
@@ -156,7 +161,10 @@ impl ResponseCache {
     pub fn key(&self, input: &KeyInput<'_>) -> Option<Key> {
         let body = key::object_digest(&self.hash_keys, input.body, &NOT_IN_KEY)?;
         let credentials = input.credential.map(|headers| {
-            CREDENTIAL_HEADERS.map(|name| (name, headers.get(name).map(|v| v.as_bytes())))
+            CREDENTIAL_HEADERS.map(|name| {
+                let value = headers.get(&name).map(|v| v.as_bytes());
+                (name, value)
+            })
         });
         let digest = key::digest(&self.hash_keys, |hasher| {
             input.endpoint.as_str().hash(hasher);
@@ -166,7 +174,7 @@ impl ResponseCache {
             hasher.write_u64(body.1);
             if let Some(credentials) = &credentials {
                 for (name, value) in credentials {
-                    name.hash(hasher);
+                    name.as_str().hash(hasher);
                     value.hash(hasher);
                 }
             }
