@@ -7,33 +7,19 @@ use http::{HeaderMap, HeaderName};
 use crate::error::ApiError;
 use crate::trace::ParentSpan;
 
-pub const EXPERIMENT: &str = "x-flowgate-experiment";
-pub const RUN: &str = "x-flowgate-run";
-pub const PROMPT: &str = "x-flowgate-prompt";
-pub const PROMPT_VERSION: &str = "x-flowgate-prompt-version";
-pub const PARAMS: &str = "x-flowgate-params";
-pub const TAGS: &str = "x-flowgate-tags";
-pub const SESSION: &str = "x-flowgate-session";
-pub const CACHE: &str = "x-flowgate-cache";
+// Header names built at compile time: `HeaderMap::get` with a `&str` parses and validates the
+// name on every lookup, ten times a call.
+pub const EXPERIMENT: HeaderName = HeaderName::from_static("x-flowgate-experiment");
+pub const RUN: HeaderName = HeaderName::from_static("x-flowgate-run");
+pub const PROMPT: HeaderName = HeaderName::from_static("x-flowgate-prompt");
+pub const PROMPT_VERSION: HeaderName = HeaderName::from_static("x-flowgate-prompt-version");
+pub const PARAMS: HeaderName = HeaderName::from_static("x-flowgate-params");
+pub const TAGS: HeaderName = HeaderName::from_static("x-flowgate-tags");
+pub const SESSION: HeaderName = HeaderName::from_static("x-flowgate-session");
+pub const CACHE: HeaderName = HeaderName::from_static("x-flowgate-cache");
 /// Picks the provider for pass-through paths whose body names no model.
-pub const PROVIDER: &str = "x-flowgate-provider";
-
-/// The same names, built at compile time: `HeaderMap::get` with a `&str` parses and validates
-/// the name on every lookup, ten times a call.
-mod names {
-    use http::HeaderName;
-
-    pub const EXPERIMENT: HeaderName = HeaderName::from_static(super::EXPERIMENT);
-    pub const RUN: HeaderName = HeaderName::from_static(super::RUN);
-    pub const PROMPT: HeaderName = HeaderName::from_static(super::PROMPT);
-    pub const PROMPT_VERSION: HeaderName = HeaderName::from_static(super::PROMPT_VERSION);
-    pub const PARAMS: HeaderName = HeaderName::from_static(super::PARAMS);
-    pub const TAGS: HeaderName = HeaderName::from_static(super::TAGS);
-    pub const SESSION: HeaderName = HeaderName::from_static(super::SESSION);
-    pub const CACHE: HeaderName = HeaderName::from_static(super::CACHE);
-    pub const PROVIDER: HeaderName = HeaderName::from_static(super::PROVIDER);
-    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-}
+pub const PROVIDER: HeaderName = HeaderName::from_static("x-flowgate-provider");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 pub const DEFAULT_EXPERIMENT: &str = "default";
 const MAX_VALUE_LEN: usize = 256;
@@ -54,38 +40,37 @@ pub struct RequestContext {
 
 impl RequestContext {
     pub fn from_headers(headers: &HeaderMap) -> Result<RequestContext, ApiError> {
-        let experiment = header(headers, &names::EXPERIMENT)?
+        let experiment = header(headers, &EXPERIMENT)?
             .unwrap_or(DEFAULT_EXPERIMENT)
             .to_owned();
-        let (prompt_id, version_in_id) = match header(headers, &names::PROMPT)? {
+        let (prompt_id, version_in_id) = match header(headers, &PROMPT)? {
             Some(prompt) => match prompt.split_once('@') {
                 Some((id, version)) => (Some(id.to_owned()), non_empty(version)),
                 None => (Some(prompt.to_owned()), None),
             },
             None => (None, None),
         };
-        let prompt_version =
-            version_in_id.or(header(headers, &names::PROMPT_VERSION)?.map(str::to_owned));
+        let prompt_version = version_in_id.or(header(headers, &PROMPT_VERSION)?.map(str::to_owned));
         Ok(RequestContext {
             experiment,
-            run_name: header(headers, &names::RUN)?.map(str::to_owned),
+            run_name: header(headers, &RUN)?.map(str::to_owned),
             prompt_id,
             prompt_version,
-            params: pairs(headers, &names::PARAMS)?,
-            tags: pairs(headers, &names::TAGS)?,
-            session: header(headers, &names::SESSION)?.map(str::to_owned),
-            parent: header(headers, &names::TRACEPARENT)
+            params: pairs(headers, &PARAMS)?,
+            tags: pairs(headers, &TAGS)?,
+            session: header(headers, &SESSION)?.map(str::to_owned),
+            parent: header(headers, &TRACEPARENT)
                 .ok()
                 .flatten()
                 .and_then(parse_traceparent),
-            provider: header(headers, &names::PROVIDER)?.map(str::to_owned),
+            provider: header(headers, &PROVIDER)?.map(str::to_owned),
             cache: cache_directive(headers)?,
         })
     }
 }
 
 fn cache_directive(headers: &HeaderMap) -> Result<crate::cache::Directive, ApiError> {
-    let Some(value) = header(headers, &names::CACHE)? else {
+    let Some(value) = header(headers, &CACHE)? else {
         return Ok(crate::cache::Directive::Auto);
     };
     crate::cache::Directive::parse(value).ok_or_else(|| {
@@ -114,7 +99,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a st
             )
         })?
         .trim();
-    if value.len() > MAX_VALUE_LEN && *name != names::PARAMS && *name != names::TAGS {
+    if value.len() > MAX_VALUE_LEN && *name != PARAMS && *name != TAGS {
         return Err(ApiError::invalid_request(
             "invalid_header",
             format!("header {name} is longer than {MAX_VALUE_LEN} characters"),
@@ -184,10 +169,10 @@ pub fn strip_tagging_headers(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    fn headers(pairs: &[(HeaderName, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
-            map.insert(*k, v.parse().unwrap());
+            map.insert(k.clone(), v.parse().unwrap());
         }
         map
     }
@@ -203,7 +188,7 @@ mod tests {
     #[test]
     fn prompt_forms() {
         type Case<'a> = (
-            &'a [(&'static str, &'a str)],
+            &'a [(HeaderName, &'a str)],
             Option<&'a str>,
             Option<&'a str>,
         );
@@ -268,7 +253,7 @@ mod tests {
         let mut map = headers(&[
             (EXPERIMENT, "e"),
             (CACHE, "bypass"),
-            ("authorization", "Bearer k"),
+            (http::header::AUTHORIZATION, "Bearer k"),
         ]);
         strip_tagging_headers(&mut map);
         assert_eq!(map.len(), 1);

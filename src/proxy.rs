@@ -37,9 +37,11 @@ pub mod request;
 use body::{Captured, Draft, InFlight, MeteredBody};
 use request::RequestFields;
 
-pub const TRACE_ID_HEADER: &str = "x-flowgate-trace-id";
-pub const RUN_ID_HEADER: &str = "x-flowgate-run-id";
-pub const CACHE_HEADER: &str = "x-flowgate-cache";
+// Built at compile time: inserting by `&str` parses and validates the name on every call.
+pub const TRACE_ID_HEADER: HeaderName = HeaderName::from_static("x-flowgate-trace-id");
+pub const RUN_ID_HEADER: HeaderName = HeaderName::from_static("x-flowgate-run-id");
+/// The same name as the request's cache directive header.
+pub const CACHE_HEADER: HeaderName = crate::context::CACHE;
 
 /// Response bytes kept for the recorder at most, whatever the capture setting: enough for any
 /// usage block, which providers send last.
@@ -976,13 +978,9 @@ fn fallback_run_id(trace: &Trace) -> String {
 }
 
 fn add_trace_headers(response: &mut Response<ResponseBody>, trace: &Trace) {
-    // Built at compile time: inserting by `&str` parses and validates the name on every call.
-    const TRACE_ID: HeaderName = HeaderName::from_static(TRACE_ID_HEADER);
-    const RUN_ID: HeaderName = HeaderName::from_static(RUN_ID_HEADER);
-    const CACHE: HeaderName = HeaderName::from_static(CACHE_HEADER);
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&trace.id) {
-        headers.insert(TRACE_ID, value);
+        headers.insert(TRACE_ID_HEADER, value);
     }
     let run_id = if trace.run_id.is_empty() {
         fallback_run_id(trace)
@@ -990,12 +988,12 @@ fn add_trace_headers(response: &mut Response<ResponseBody>, trace: &Trace) {
         trace.run_id.clone()
     };
     if let Ok(value) = HeaderValue::from_str(&run_id) {
-        headers.insert(RUN_ID, value);
+        headers.insert(RUN_ID_HEADER, value);
     }
     let cache = match trace.cache.as_str() {
         cache::HIT => cache::HIT,
         cache::MISS => cache::MISS,
         _ => cache::BYPASS,
     };
-    headers.insert(CACHE, HeaderValue::from_static(cache));
+    headers.insert(CACHE_HEADER, HeaderValue::from_static(cache));
 }
