@@ -98,7 +98,7 @@ pub struct ResponseCache {
     pending: Pending,
     mode: CacheMode,
     max_entry_bytes: usize,
-    hash_keys: key::Lanes,
+    hash_key: key::HashKey,
 }
 
 /// Request fields that choose how an answer is delivered, not what it says.
@@ -134,7 +134,7 @@ impl ResponseCache {
             max_entry_bytes: usize::try_from(max_bytes / 8)
                 .unwrap_or(usize::MAX)
                 .min(u32::MAX as usize - ENTRY_OVERHEAD),
-            hash_keys: Default::default(),
+            hash_key: Default::default(),
         })
     }
 
@@ -159,14 +159,14 @@ impl ResponseCache {
     /// The key of a call, or `None` when its body is not a JSON object (never cached, never an
     /// error because of the cache).
     pub fn key(&self, input: &KeyInput<'_>) -> Option<Key> {
-        let body = key::object_digest(&self.hash_keys, input.body, &NOT_IN_KEY)?;
+        let body = key::object_digest(&self.hash_key, input.body, &NOT_IN_KEY)?;
         let credentials = input.credential.map(|headers| {
             CREDENTIAL_HEADERS.map(|name| {
                 let value = headers.get(&name).map(|v| v.as_bytes());
                 (name, value)
             })
         });
-        let digest = key::digest(&self.hash_keys, |hasher| {
+        let digest = key::digest(&self.hash_key, |hasher| {
             input.endpoint.as_str().hash(hasher);
             input.provider.hash(hasher);
             input.model.hash(hasher);

@@ -1,59 +1,78 @@
 //! The digest of a JSON request body for the cache key, computed while the body is parsed:
-//! no value tree is built (Criterion, 1 KB chat body: 1.56 µs, 2.15 µs when a tree was built).
+//! no value tree is built (Criterion, 1 KB chat body: 1.15 µs; 2.15 µs when a tree was built).
 //! Object members hash alike in any order, and `1.0` hashes like `1`, as a provider reads them.
 
-use std::collections::hash_map::{DefaultHasher, RandomState};
+use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use siphasher::sip128::{Hasher128, SipHasher13};
 
-/// Two independent 64-bit hashes (per-process random keys) of one value.
+/// A 128-bit keyed hash of one value (SipHash-1-3 with 128-bit output, per-process random key).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Digest(pub u64, pub u64);
 
-/// The hash keys of the two lanes.
-pub(super) type Lanes = (RandomState, RandomState);
+/// The process's secret SipHash key: a caller who cannot know it cannot make two bodies collide
+/// on purpose. One 128-bit hash rather than two keyed 64-bit ones: half the hashing, the same
+/// 128 bits (the two lanes were 60% of the key's cost).
+#[derive(Clone, Copy)]
+pub(super) struct HashKey(u64, u64);
+
+impl Default for HashKey {
+    fn default() -> Self {
+        // `RandomState` holds the standard library's per-process random keys; what it hashes
+        // to is as unpredictable as they are.
+        let random = RandomState::new();
+        HashKey(random.hash_one(0u8), random.hash_one(1u8))
+    }
+}
+
+impl HashKey {
+    fn hasher(&self) -> SipHasher13 {
+        SipHasher13::new_with_keys(self.0, self.1)
+    }
+}
+
+fn finish(hasher: &SipHasher13) -> Digest {
+    let hash = hasher.finish128();
+    Digest(hash.h1, hash.h2)
+}
 
 /// The digest of the JSON object `body` without its top-level members named in `skip`; `None`
 /// when `body` is not one JSON object.
-pub(super) fn object_digest(lanes: &Lanes, body: &[u8], skip: &[&str]) -> Option<Digest> {
+pub(super) fn object_digest(key: &HashKey, body: &[u8], skip: &[&str]) -> Option<Digest> {
     let mut parser = serde_json::Deserializer::from_slice(body);
-    let mut out = (lanes.0.build_hasher(), lanes.1.build_hasher());
+    let mut out = key.hasher();
     let seed = Hashing {
-        lanes,
+        key,
         skip,
         out: &mut out,
     };
     serde::Deserializer::deserialize_map(&mut parser, seed).ok()?;
     parser.end().ok()?;
-    Some(Digest(out.0.finish(), out.1.finish()))
+    Some(finish(&out))
 }
 
-/// Hashes what `write` writes in both lanes.
-pub(super) fn digest(lanes: &Lanes, mut write: impl FnMut(&mut DefaultHasher)) -> Digest {
-    let mut first = lanes.0.build_hasher();
-    write(&mut first);
-    let mut second = lanes.1.build_hasher();
-    write(&mut second);
-    Digest(first.finish(), second.finish())
+/// The digest of what `write` writes.
+pub(super) fn digest(key: &HashKey, write: impl FnOnce(&mut SipHasher13)) -> Digest {
+    let mut hasher = key.hasher();
+    write(&mut hasher);
+    finish(&hasher)
 }
-
-type Pair = (DefaultHasher, DefaultHasher);
 
 /// Hashes one value into `out` as it is parsed. Only an object's members get hashers of their
 /// own (their order must not matter); everything else streams into its parent's. `skip` names
 /// members left out of an object (the top level's only).
 struct Hashing<'a, 'h> {
-    lanes: &'a Lanes,
+    key: &'a HashKey,
     skip: &'a [&'a str],
-    out: &'h mut Pair,
+    out: &'h mut SipHasher13,
 }
 
 impl Hashing<'_, '_> {
-    fn write(&mut self, mut write: impl FnMut(&mut DefaultHasher)) {
-        write(&mut self.out.0);
-        write(&mut self.out.1);
+    fn write(&mut self, write: impl FnOnce(&mut SipHasher13)) {
+        write(self.out);
     }
 
     fn integer(mut self, value: i64) {
@@ -136,7 +155,7 @@ impl<'de> Visitor<'de> for Hashing<'_, '_> {
         let mut count = 0u64;
         loop {
             let item = Hashing {
-                lanes: self.lanes,
+                key: self.key,
                 skip: &[],
                 out: &mut *self.out,
             };
@@ -155,7 +174,7 @@ impl<'de> Visitor<'de> for Hashing<'_, '_> {
         let mut sum = Digest::default();
         let mut count = 0u64;
         loop {
-            let mut member = (self.lanes.0.build_hasher(), self.lanes.1.build_hasher());
+            let mut member = self.key.hasher();
             let name = MemberName {
                 skip: self.skip,
                 out: &mut member,
@@ -168,14 +187,12 @@ impl<'de> Visitor<'de> for Hashing<'_, '_> {
                 continue;
             }
             members.next_value_seed(Hashing {
-                lanes: self.lanes,
+                key: self.key,
                 skip: &[],
                 out: &mut member,
             })?;
-            sum = Digest(
-                sum.0.wrapping_add(member.0.finish()),
-                sum.1.wrapping_add(member.1.finish()),
-            );
+            let hash = finish(&member);
+            sum = Digest(sum.0.wrapping_add(hash.0), sum.1.wrapping_add(hash.1));
             count += 1;
         }
         self.write(|h| {
@@ -191,7 +208,7 @@ impl<'de> Visitor<'de> for Hashing<'_, '_> {
 /// A member's name, hashed into the member's own hashers; `false` when it is one to leave out.
 struct MemberName<'a, 'h> {
     skip: &'a [&'a str],
-    out: &'h mut Pair,
+    out: &'h mut SipHasher13,
 }
 
 impl<'de> DeserializeSeed<'de> for MemberName<'_, '_> {
@@ -213,8 +230,7 @@ impl<'de> Visitor<'de> for MemberName<'_, '_> {
         if self.skip.contains(&name) {
             return Ok(false);
         }
-        name.hash(&mut self.out.0);
-        name.hash(&mut self.out.1);
+        name.hash(self.out);
         Ok(true)
     }
 }
