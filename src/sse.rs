@@ -2,6 +2,8 @@
 //! name and data. Used to meter streams (off the request path) and to drop the usage chunk the
 //! gateway asked for on the client's behalf.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 
 /// Splits arriving bytes into whole raw events (terminator included), keeping the rest.
@@ -98,14 +100,24 @@ pub fn parse_event(raw: &[u8]) -> Event {
                 if data_lines > 0 {
                     event.data.push('\n');
                 }
-                event.data.push_str(&String::from_utf8_lossy(value));
+                event.data.push_str(&lossy_utf8(value));
                 data_lines += 1;
             }
-            b"event" => event.name = Some(String::from_utf8_lossy(value).into_owned()),
+            b"event" => event.name = Some(lossy_utf8(value).into_owned()),
             _ => {}
         }
     }
     event
+}
+
+/// `bytes` as text, invalid UTF-8 replaced by U+FFFD, like `String::from_utf8_lossy`, which
+/// walks the bytes one at a time even when all are valid (callgrind: 14% of the recorder's work
+/// on a stream); `from_utf8` checks valid text (nearly all of it) a word at a time first.
+pub fn lossy_utf8(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// The `\n`-separated lines of `raw` (the last one possibly empty), found with `memchr`.

@@ -199,7 +199,7 @@ impl Captured {
             }
         }
         let cut = &bytes[..bytes.len().min(limit)];
-        Captured::text(&String::from_utf8_lossy(cut), bytes.len() > limit)
+        Captured::text(&crate::sse::lossy_utf8(cut), bytes.len() > limit)
     }
 
     pub fn text(text: &str, truncated: bool) -> Captured {
