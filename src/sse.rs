@@ -150,7 +150,9 @@ pub fn is_usage_only_chunk(raw: &[u8]) -> bool {
     no_choices && value.get("usage").is_some_and(|u| u.is_object())
 }
 
-fn has_usage_object(raw: &[u8]) -> bool {
+/// Whether `raw` (an event, or several) has a `"usage"` member whose value is an object: when
+/// not, none of its events is the usage-only chunk.
+pub fn has_usage_object(raw: &[u8]) -> bool {
     const KEY: &[u8] = b"\"usage\"";
     let mut from = 0;
     while let Some(at) = memchr::memmem::find(&raw[from..], KEY) {

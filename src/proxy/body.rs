@@ -19,7 +19,7 @@ use crate::guardrails::Blocked;
 use crate::providers::Endpoint;
 use crate::recorder::{RecorderHandle, TraceEvent};
 use crate::response::{BoxError, ResponseBody};
-use crate::sse::{is_usage_only_chunk, EventSplitter};
+use crate::sse::{ends_event, has_usage_object, is_usage_only_chunk, EventSplitter};
 use crate::trace::{Trace, TraceError};
 
 /// Bytes of one unfinished SSE event the usage filter holds back at most.
@@ -427,6 +427,15 @@ impl MeteredBody {
         let Some(splitter) = self.events.as_mut() else {
             return Ok(Some(data.clone()));
         };
+        // The usual frame: whole events, nothing held back from the last one, nothing to check
+        // or drop. It goes out as it came, without being copied into the splitter and out again.
+        let whole_events = splitter.pending() == 0 && ends_event(data);
+        if whole_events
+            && self.check.is_none()
+            && !(self.drop_usage_chunk && has_usage_object(data))
+        {
+            return Ok(Some(data.clone()));
+        }
         splitter.push(data);
         let mut out = BytesMut::new();
         while let Some(event) = splitter.next_event() {
@@ -456,7 +465,7 @@ impl MeteredBody {
         let at_us = self.draft.started().elapsed().as_micros() as u64;
         let out = self.filter(&data);
         if let Ok(Some(out)) = &out {
-            self.at_event_boundary = crate::sse::ends_event(out);
+            self.at_event_boundary = ends_event(out);
         }
         if self.check.is_some() {
             // What the client got (redacted), never the upstream's text.
