@@ -391,7 +391,12 @@ impl Recorder {
     fn complete(&self, mut event: TraceEvent) -> Trace {
         let mut trace = std::mem::take(&mut event.trace);
         let whole = (!event.response_is_sse).then(|| concat(&event.response));
-        let answer = read_answer(&event, whole.as_deref());
+        // A stream's events are split and parsed once, for its usage and its guardrails.
+        let events = match &whole {
+            None => crate::sse::timed_events(&event.response),
+            Some(_) => Vec::new(),
+        };
+        let answer = read_answer(&event, whole.as_deref(), &events);
         let model = trace
             .served_model
             .clone()
@@ -420,7 +425,7 @@ impl Recorder {
         explain_error(&mut trace, &answer);
         record_parse_failure(&mut trace, &event, &answer);
         self.check_input(&event, &mut trace);
-        self.check_output(&event, whole.as_deref(), &mut trace);
+        self.check_output(&event, whole.as_deref(), &events, &mut trace);
         if self.settings.capture == Capture::Full {
             let limit = self.settings.max_capture_bytes;
             trace.request_body = Some(Captured::of_bytes(&event.request_body, limit));
@@ -460,7 +465,13 @@ impl Recorder {
 
     /// Output guardrails that only log, run here rather than on the request path: on the whole
     /// answer, or on a stream's deltas in order (so a match split across chunks is found).
-    fn check_output(&self, event: &TraceEvent, whole: Option<&[u8]>, trace: &mut Trace) {
+    fn check_output(
+        &self,
+        event: &TraceEvent,
+        whole: Option<&[u8]>,
+        events: &[(u64, crate::sse::Event)],
+        trace: &mut Trace,
+    ) {
         let guardrails = &self.settings.guardrails;
         let answered = (200..300).contains(&trace.status) && !event.response.is_empty();
         let texts = matches!(
@@ -483,10 +494,9 @@ impl Recorder {
                 let Some(mut guard) = guardrails.stream(expect) else {
                     return;
                 };
-                let frames = event.response.iter().map(|(_, frame)| &frame[..]);
-                for raw in crate::sse::split_events(frames).0 {
-                    let data = crate::sse::parse_event(&raw).data;
-                    let deltas = crate::guardrails::stream_deltas(event.endpoint, data.as_bytes());
+                for (_, sse) in events {
+                    let deltas =
+                        crate::guardrails::stream_deltas(event.endpoint, sse.data.as_bytes());
                     for delta in deltas.into_iter().flatten() {
                         guard.push(delta.choice, &delta.text);
                     }
@@ -804,10 +814,14 @@ fn concat(frames: &[(u64, Bytes)]) -> Vec<u8> {
     whole
 }
 
-/// Usage and text of the answer: from SSE frames, or from the whole JSON body.
-fn read_answer(event: &TraceEvent, whole: Option<&[u8]>) -> usage::Answer {
+/// Usage and text of the answer: from a stream's events, or from the whole JSON body.
+fn read_answer(
+    event: &TraceEvent,
+    whole: Option<&[u8]>,
+    events: &[(u64, crate::sse::Event)],
+) -> usage::Answer {
     let Some(bytes) = whole else {
-        return usage::from_sse(event.endpoint, &event.response);
+        return usage::from_events(event.endpoint, events);
     };
     let mut answer = usage::from_json(event.endpoint, bytes);
     if event.response_cut && answer.usage.is_none() {
@@ -853,11 +867,53 @@ fn capture_answer(
         return None;
     }
     let Some(bytes) = whole else {
-        let text: String = answer.text.chars().take(limit).collect();
+        // Cut at a character boundary within the limit, which counts bytes like everywhere else.
+        let text = &answer.text[..answer.text.floor_char_boundary(limit)];
         let truncated = event.response_cut || text.len() < answer.text.len();
-        return Some(Captured::text(&text, truncated));
+        return Some(Captured::text(text, truncated));
     };
     let mut captured = Captured::of_bytes(bytes, limit);
     captured.truncated |= event.response_cut;
     Some(captured)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streamed(text: &str) -> (TraceEvent, usage::Answer) {
+        let event = TraceEvent {
+            trace: Trace::default(),
+            endpoint: Endpoint::ChatCompletions,
+            request_body: Bytes::new(),
+            response: vec![(0, Bytes::from_static(b"data: {}\n\n"))],
+            response_cut: false,
+            first_byte_us: None,
+            response_is_sse: true,
+            output_checked: false,
+        };
+        let answer = usage::Answer {
+            text: text.to_owned(),
+            ..usage::Answer::default()
+        };
+        (event, answer)
+    }
+
+    #[test]
+    fn a_streamed_answer_is_captured_within_the_byte_limit_on_a_character_boundary() {
+        // (text, limit in bytes, stored text, truncated)
+        let cases = [
+            ("ééé", 6, "ééé", false),
+            ("ééé", 5, "éé", true),
+            ("ééé", 1, "", true),
+            ("abc", 2, "ab", true),
+        ];
+        for (text, limit, stored, truncated) in cases {
+            let (event, answer) = streamed(text);
+            let captured = capture_answer(&event, &answer, None, limit).expect("captured");
+            let expected = serde_json::to_string(stored).expect("json");
+            assert_eq!(captured.content.get(), expected, "{text} within {limit}");
+            assert_eq!(captured.truncated, truncated, "{text} within {limit}");
+        }
+    }
 }

@@ -59,6 +59,21 @@ pub fn split_events<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Byte
     (events, splitter.take_rest())
 }
 
+/// The whole events of a stream that arrived as `frames` (with arrival times, µs), parsed, each
+/// with the time of the frame that completed it; bytes after the last whole event are left out.
+/// The recorder reads a stream's events once, for its usage and for its guardrails alike.
+pub fn timed_events(frames: &[(u64, Bytes)]) -> Vec<(u64, Event)> {
+    let mut splitter = EventSplitter::default();
+    let mut events = Vec::new();
+    for (at_us, frame) in frames {
+        splitter.push(frame);
+        while let Some(raw) = splitter.next_event() {
+            events.push((*at_us, parse_event(&raw)));
+        }
+    }
+    events
+}
+
 /// Index just past the blank line that ends the first event (`\n\n`, `\r\n\r\n` or `\n\r\n`).
 /// Jumps from newline to newline (`memchr`): this runs on every chunk of every stream.
 fn event_end(buffer: &[u8]) -> Option<usize> {

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::providers::Endpoint;
-use crate::sse::{parse_event, EventSplitter};
+use crate::sse::{timed_events, Event};
 
 mod messages;
 
@@ -180,25 +180,22 @@ fn collect<'a>(items: Option<&'a Value>, pick: impl Fn(&'a Value) -> Option<&'a 
 
 /// Reads a streamed response from its frames (with arrival times).
 pub fn from_sse(endpoint: Endpoint, frames: &[(u64, Bytes)]) -> Answer {
-    if endpoint == Endpoint::Messages {
-        let mut stream = messages::Stream::default();
-        return read_frames(frames, |raw, answer| stream.read_event(raw, answer));
-    }
-    read_frames(frames, |raw, answer| read_event(endpoint, raw, answer))
+    from_events(endpoint, &timed_events(frames))
 }
 
-/// Splits frames into events for `read`, noting when the first text arrived.
-fn read_frames(frames: &[(u64, Bytes)], mut read: impl FnMut(&[u8], &mut Answer)) -> Answer {
+/// Reads a streamed response from its parsed events (with the arrival time of each), noting
+/// when the first text arrived.
+pub fn from_events(endpoint: Endpoint, events: &[(u64, Event)]) -> Answer {
     let mut answer = Answer::default();
-    let mut splitter = EventSplitter::default();
-    for (at_us, frame) in frames {
-        splitter.push(frame);
-        while let Some(raw) = splitter.next_event() {
-            let had_text = !answer.text.is_empty();
-            read(&raw, &mut answer);
-            if !had_text && !answer.text.is_empty() && answer.first_content_us.is_none() {
-                answer.first_content_us = Some(*at_us);
-            }
+    let mut stream = messages::Stream::default();
+    for (at_us, event) in events {
+        let had_text = !answer.text.is_empty();
+        match endpoint {
+            Endpoint::Messages => stream.read_event(event, &mut answer),
+            _ => read_event(endpoint, event, &mut answer),
+        }
+        if !had_text && !answer.text.is_empty() && answer.first_content_us.is_none() {
+            answer.first_content_us = Some(*at_us);
         }
     }
     answer
@@ -241,8 +238,7 @@ struct ResponseUsage {
     usage: Option<Value>,
 }
 
-fn read_event(endpoint: Endpoint, raw: &[u8], answer: &mut Answer) {
-    let event = parse_event(raw);
+fn read_event(endpoint: Endpoint, event: &Event, answer: &mut Answer) {
     if event.data.is_empty() || event.data == "[DONE]" {
         return;
     }

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{parse_usage, Answer, ErrorBody};
-use crate::sse::parse_event;
+use crate::sse::Event as SseEvent;
 
 #[derive(Deserialize)]
 struct Event {
@@ -41,8 +41,7 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub fn read_event(&mut self, raw: &[u8], answer: &mut Answer) {
-        let event = parse_event(raw);
+    pub fn read_event(&mut self, event: &SseEvent, answer: &mut Answer) {
         if event.data.is_empty() {
             return;
         }
