@@ -425,7 +425,7 @@ impl Recorder {
         explain_error(&mut trace, &answer);
         record_parse_failure(&mut trace, &event, &answer);
         self.check_input(&event, &mut trace);
-        self.check_output(&event, whole.as_deref(), &events, &mut trace);
+        self.check_output(&event, whole.as_deref(), &events, &answer, &mut trace);
         if self.settings.capture == Capture::Full {
             let limit = self.settings.max_capture_bytes;
             trace.request_body = Some(Captured::of_bytes(&event.request_body, limit));
@@ -470,6 +470,7 @@ impl Recorder {
         event: &TraceEvent,
         whole: Option<&[u8]>,
         events: &[(u64, crate::sse::Event)],
+        answer: &usage::Answer,
         trace: &mut Trace,
     ) {
         let guardrails = &self.settings.guardrails;
@@ -494,7 +495,15 @@ impl Recorder {
                 let Some(mut guard) = guardrails.stream(expect) else {
                     return;
                 };
-                for (_, sse) in events {
+                for (at, (_, sse)) in events.iter().enumerate() {
+                    // The usage reader's deltas where it took the event apart; else the
+                    // guardrails' own reading of it.
+                    if let Some(Some(deltas)) = answer.deltas.get(at) {
+                        for (choice, text) in deltas {
+                            guard.push(*choice, text);
+                        }
+                        continue;
+                    }
                     let deltas =
                         crate::guardrails::stream_deltas(event.endpoint, sse.data.as_bytes());
                     for delta in deltas.into_iter().flatten() {

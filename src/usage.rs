@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::providers::Endpoint;
@@ -89,6 +90,11 @@ pub struct Answer {
     pub error_message: Option<String>,
     /// Stream events whose data was neither JSON nor `[DONE]`.
     pub unparsed_events: u32,
+    /// A chat or completions stream's text deltas, one entry per event in order: (choice index,
+    /// text) as the output guardrails read them, so the recorder need not parse each event's
+    /// JSON a second time. `None` for an event this reader did not take apart (another
+    /// endpoint's, content that is not a plain string, data it could not read).
+    pub deltas: Vec<Option<Vec<(usize, String)>>>,
 }
 
 /// The parts of a JSON answer the recorder needs; everything else is skipped unallocated.
@@ -139,6 +145,7 @@ pub fn from_json(endpoint: Endpoint, body: &[u8]) -> Answer {
         is_json: true,
         error_message: head.error.and_then(ErrorBody::message),
         unparsed_events: 0,
+        deltas: Vec::new(),
     }
 }
 
@@ -190,10 +197,14 @@ pub fn from_events(endpoint: Endpoint, events: &[(u64, Event)]) -> Answer {
     let mut stream = messages::Stream::default();
     for (at_us, event) in events {
         let had_text = !answer.text.is_empty();
-        match endpoint {
-            Endpoint::Messages => stream.read_event(event, &mut answer),
+        let deltas = match endpoint {
+            Endpoint::Messages => {
+                stream.read_event(event, &mut answer);
+                None
+            }
             _ => read_event(endpoint, event, &mut answer),
-        }
+        };
+        answer.deltas.push(deltas);
         if !had_text && !answer.text.is_empty() && answer.first_content_us.is_none() {
             answer.first_content_us = Some(*at_us);
         }
@@ -204,8 +215,8 @@ pub fn from_events(endpoint: Endpoint, events: &[(u64, Event)]) -> Answer {
 /// One streamed event, chat/completions chunk or Responses event alike: only the fields read.
 #[derive(Deserialize)]
 struct StreamEvent<'a> {
-    #[serde(default)]
-    choices: Vec<StreamChoice>,
+    #[serde(default, borrow)]
+    choices: Vec<StreamChoice<'a>>,
     #[serde(default)]
     usage: Option<Value>,
     #[serde(default)]
@@ -219,7 +230,10 @@ struct StreamEvent<'a> {
 }
 
 #[derive(Deserialize)]
-struct StreamChoice {
+struct StreamChoice<'a> {
+    /// Kept raw and read as the guardrails read it: a chunk carries only some choices.
+    #[serde(default, borrow)]
+    index: Option<&'a RawValue>,
     #[serde(default)]
     delta: Option<Delta>,
     #[serde(default)]
@@ -238,13 +252,18 @@ struct ResponseUsage {
     usage: Option<Value>,
 }
 
-fn read_event(endpoint: Endpoint, event: &Event, answer: &mut Answer) {
+/// Reads one event into `answer`; the event's text deltas for a chat or completions stream.
+fn read_event(
+    endpoint: Endpoint,
+    event: &Event,
+    answer: &mut Answer,
+) -> Option<Vec<(usize, String)>> {
     if event.data.is_empty() || event.data == "[DONE]" {
-        return;
+        return Some(Vec::new());
     }
     let Ok(parsed) = serde_json::from_str::<StreamEvent>(&event.data) else {
         answer.unparsed_events += 1;
-        return;
+        return None;
     };
     if let Some(message) = parsed.error.and_then(ErrorBody::message) {
         answer.error_message = Some(message);
@@ -264,22 +283,119 @@ fn read_event(endpoint: Endpoint, event: &Event, answer: &mut Answer) {
             }
             _ => {}
         }
-        return;
+        return None;
     }
-    for choice in parsed.choices {
-        let piece = choice.delta.and_then(|d| d.content).or(choice.text);
-        if let Some(text) = piece {
-            answer.text.push_str(&text);
+    let mut deltas = Vec::new();
+    for (position, choice) in parsed.choices.into_iter().enumerate() {
+        let content = choice.delta.and_then(|d| d.content);
+        if let Some(text) = content.as_ref().or(choice.text.as_ref()) {
+            answer.text.push_str(text);
         }
+        let group = choice
+            .index
+            .and_then(|index| index.get().parse::<usize>().ok())
+            .unwrap_or(position);
+        deltas.extend(
+            content
+                .into_iter()
+                .chain(choice.text)
+                .map(|text| (group, text)),
+        );
     }
     if let Some(usage) = parsed.usage.as_ref().and_then(parse_usage) {
         answer.usage = Some(usage);
     }
+    // Other endpoints' chunks are no text the guardrails read.
+    matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions).then_some(deltas)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The recorder feeds the output guardrails these deltas instead of their own reading of
+    /// each event: where this reader takes an event apart, both must give the same texts in the
+    /// same order for the same choices; where it cannot, it must say so (`None`).
+    #[test]
+    fn stream_deltas_read_like_the_guardrails_read_them() {
+        let chat = Endpoint::ChatCompletions;
+        let completions = Endpoint::Completions;
+        let cases: [(Endpoint, &str, bool); 13] = [
+            (
+                chat,
+                r#"{"choices":[{"index":0,"delta":{"content":"Hello"}}],"usage":null}"#,
+                true,
+            ),
+            (
+                chat,
+                r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+                true,
+            ),
+            (
+                chat,
+                r#"{"choices":[{"index":0,"delta":{"content":null},"finish_reason":"stop"}]}"#,
+                true,
+            ),
+            (
+                chat,
+                r#"{"choices":[{"index":1,"delta":{"content":"b"}},{"index":0,"delta":{"content":"a"}}]}"#,
+                true,
+            ),
+            (
+                chat,
+                r#"{"choices":[{"delta":{"content":"no index"}},{"delta":{"content":"second"}}]}"#,
+                true,
+            ),
+            (
+                chat,
+                r#"{"choices":[{"index":"2","delta":{"content":"odd index"}}]}"#,
+                true,
+            ),
+            (
+                chat,
+                r#"{"choices":[{"index":0,"delta":{"content":"caf\u00e9 \"quoted\"\nline"}}]}"#,
+                true,
+            ),
+            (
+                chat,
+                r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#,
+                true,
+            ),
+            (
+                chat,
+                r#"{"choices":[{"index":0,"delta":{"content":[{"type":"text","text":"parts"}]}}]}"#,
+                false,
+            ),
+            (chat, r#"{"error":{"message":"overloaded"}}"#, true),
+            (
+                completions,
+                r#"{"choices":[{"index":0,"text":"completion text"}]}"#,
+                true,
+            ),
+            (
+                completions,
+                r#"{"choices":[{"index":3,"text":"x","logprobs":null}]}"#,
+                true,
+            ),
+            (chat, "[DONE]", true),
+        ];
+        for (endpoint, data, taken_apart) in cases {
+            let event = Event {
+                name: None,
+                data: data.to_owned(),
+            };
+            let answer = from_events(endpoint, &[(0, event)]);
+            let ours = answer.deltas[0].clone();
+            assert_eq!(ours.is_some(), taken_apart, "{data}");
+            let theirs: Vec<(usize, String)> =
+                crate::guardrails::stream_deltas(endpoint, data.as_bytes())
+                    .map(|deltas| deltas.into_iter().map(|d| (d.choice, d.text)).collect())
+                    .unwrap_or_default();
+            if let Some(ours) = ours {
+                assert_eq!(ours, theirs, "{data}");
+            }
+        }
+    }
 
     #[test]
     fn usage_shapes() {
