@@ -390,13 +390,8 @@ impl Recorder {
     /// cost, captured bodies.
     fn complete(&self, mut event: TraceEvent) -> Trace {
         let mut trace = std::mem::take(&mut event.trace);
-        let whole = (!event.response_is_sse).then(|| concat(&event.response));
-        // A stream's events are split and parsed once, for its usage and its guardrails.
-        let events = match &whole {
-            None => crate::sse::timed_events(&event.response),
-            Some(_) => Vec::new(),
-        };
-        let answer = read_answer(&event, whole.as_deref(), &events);
+        let received = Received::of(&event);
+        let answer = read_answer(&event, &received);
         let model = trace
             .served_model
             .clone()
@@ -425,11 +420,11 @@ impl Recorder {
         explain_error(&mut trace, &answer);
         record_parse_failure(&mut trace, &event, &answer);
         self.check_input(&event, &mut trace);
-        self.check_output(&event, whole.as_deref(), &events, &answer, &mut trace);
+        self.check_output(&event, &received, &answer, &mut trace);
         if self.settings.capture == Capture::Full {
             let limit = self.settings.max_capture_bytes;
             trace.request_body = Some(Captured::of_bytes(&event.request_body, limit));
-            trace.response_body = capture_answer(&event, &answer, whole.as_deref(), limit);
+            trace.response_body = capture_answer(&event, &answer, received.whole(), limit);
             withhold_guarded(&mut trace);
         }
         trace
@@ -468,8 +463,7 @@ impl Recorder {
     fn check_output(
         &self,
         event: &TraceEvent,
-        whole: Option<&[u8]>,
-        events: &[(u64, crate::sse::Event)],
+        received: &Received,
         answer: &usage::Answer,
         trace: &mut Trace,
     ) {
@@ -486,12 +480,13 @@ impl Recorder {
             return;
         }
         let expect = guardrails.expectation(&event.request_body);
-        let verdicts = match whole {
-            Some(body) => match guardrails.check_response(event.endpoint, &expect, body) {
+        let verdicts = match received {
+            Received::Whole(body) => match guardrails.check_response(event.endpoint, &expect, body)
+            {
                 Ok(checked) => checked.verdicts,
                 Err(_) => return,
             },
-            None => {
+            Received::Events(events) => {
                 let Some(mut guard) = guardrails.stream(expect) else {
                     return;
                 };
@@ -817,20 +812,37 @@ fn record_parse_failure(trace: &mut Trace, event: &TraceEvent, answer: &usage::A
     }
 }
 
-fn concat(frames: &[(u64, Bytes)]) -> Vec<u8> {
-    let mut whole = Vec::with_capacity(frames.iter().map(|(_, b)| b.len()).sum());
-    frames.iter().for_each(|(_, b)| whole.extend_from_slice(b));
-    whole
+/// The answer as the recorder reads it: a whole body, or a stream's events, split and parsed
+/// once for its usage and its guardrails alike.
+enum Received {
+    Whole(Vec<u8>),
+    Events(Vec<(u64, crate::sse::Event)>),
+}
+
+impl Received {
+    fn of(event: &TraceEvent) -> Received {
+        let frames = &event.response;
+        if event.response_is_sse {
+            return Received::Events(crate::sse::timed_events(frames));
+        }
+        let mut whole = Vec::with_capacity(frames.iter().map(|(_, b)| b.len()).sum());
+        frames.iter().for_each(|(_, b)| whole.extend_from_slice(b));
+        Received::Whole(whole)
+    }
+
+    fn whole(&self) -> Option<&[u8]> {
+        match self {
+            Received::Whole(body) => Some(body),
+            Received::Events(_) => None,
+        }
+    }
 }
 
 /// Usage and text of the answer: from a stream's events, or from the whole JSON body.
-fn read_answer(
-    event: &TraceEvent,
-    whole: Option<&[u8]>,
-    events: &[(u64, crate::sse::Event)],
-) -> usage::Answer {
-    let Some(bytes) = whole else {
-        return usage::from_events(event.endpoint, events);
+fn read_answer(event: &TraceEvent, received: &Received) -> usage::Answer {
+    let bytes = match received {
+        Received::Events(events) => return usage::from_events(event.endpoint, events),
+        Received::Whole(bytes) => bytes,
     };
     let mut answer = usage::from_json(event.endpoint, bytes);
     if event.response_cut && answer.usage.is_none() {

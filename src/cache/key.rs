@@ -205,7 +205,7 @@ impl<'de> Visitor<'de> for Hashing<'_, '_> {
     }
 }
 
-/// A member's name, hashed into the member's own hashers; `false` when it is one to leave out.
+/// A member's name, hashed into the member's own hasher; `false` when it is one to leave out.
 struct MemberName<'a, 'h> {
     skip: &'a [&'a str],
     out: &'h mut SipHasher13,
