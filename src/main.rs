@@ -162,7 +162,8 @@ fn store_check(path: Option<&Path>, config_path: Option<&Path>) -> Result<(), St
     if !path.exists() {
         return Err(format!("no store at {}", path.display()));
     }
-    let store = SledStore::open(&path, 16 * 1024 * 1024).map_err(|err| err.to_string())?;
+    let cache = flowgate::config::StorageConfig::default().cache_capacity_bytes;
+    let store = SledStore::open(&path, cache).map_err(|err| err.to_string())?;
     let mut traces = 0u64;
     store
         .for_each_trace(&mut |_| traces += 1)

@@ -120,4 +120,9 @@ pub enum StoreError {
     },
     #[error("storage error: {0}")]
     Sled(#[from] ::sled::Error),
+    #[error("trace log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }

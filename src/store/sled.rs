@@ -4,14 +4,14 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `traces` | 16 raw bytes of the UUIDv7 trace id (big-endian, so time-ordered) | the trace, bodies included |
+//! | `traces` | 16 raw bytes of the UUIDv7 trace id (big-endian, so time-ordered) | where the trace (bodies included) is in `traces.log` (see `log`); schema 2 held the trace itself |
 //! | `run_trace_buckets` | run id ‖ 100 ms bucket | trace ids of the run started in it (see `index`) |
 //! | `session_trace_buckets` | session ‖ 100 ms bucket | likewise, by session |
 //! | `experiment_trace_buckets` | experiment ‖ 100 ms bucket | likewise, by experiment |
 //! | `experiment_runs` | experiment ‖ run id | empty |
 //! | `runs` | run id | [`Run`] with its sketches |
 //! | `experiments` | experiment name | [`Experiment`] |
-//! | `meta` | `schema_version` | u32, big-endian (2; 1 kept an entry per trace per index) |
+//! | `meta` | `schema_version` | u32, big-endian (3; 2 kept traces in the tree, 1 also an index entry per trace) |
 //!
 //! In index keys the first part is length-prefixed (u32, big-endian), so one part's bytes can
 //! never run into the next and a prefix scan for "ab" never sees "abc". Values are a one-byte
@@ -23,6 +23,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 mod index;
+mod log;
 
 use ::sled::{Config, Db, Tree};
 use serde::de::DeserializeOwned;
@@ -33,9 +34,10 @@ use super::{Batch, Store, StoreError, TracePage, TraceQuery};
 use crate::runs::{Experiment, Run};
 use crate::trace::{Trace, TraceSummary};
 use index::{Additions, TraceIndex};
+use log::{Location, Records, TraceLog, LOCATION_LEN};
 
 /// The on-disk layout version; a database with a newer one is refused, not misread.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// The index trees of schema 1 (an entry per trace), dropped when such a database is opened.
 const SCHEMA_1_INDEXES: [&str; 3] = ["run_traces", "session_traces", "experiment_traces"];
 const SCHEMA_KEY: &[u8] = b"schema_version";
@@ -43,6 +45,8 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 const CLEAN_KEY: &[u8] = b"clean_shutdown";
 /// Leads every stored value, so the value encoding can change without a schema migration.
 const CODEC_VERSION: u8 = 1;
+/// Leads a `traces` value that is a [`Location`] in the trace log, not the trace itself.
+const LOCATED: u8 = 2;
 const TRACE_KEY_LEN: usize = 16;
 
 type TraceKey = [u8; TRACE_KEY_LEN];
@@ -50,6 +54,7 @@ type TraceKey = [u8; TRACE_KEY_LEN];
 pub struct SledStore {
     db: Db,
     traces: Tree,
+    log: TraceLog,
     run_traces: TraceIndex,
     session_traces: TraceIndex,
     experiment_traces: TraceIndex,
@@ -66,6 +71,7 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name);
         Ok(SledStore {
             traces: tree("traces")?,
+            log: TraceLog::open(path)?,
             run_traces: TraceIndex::new(tree("run_trace_buckets")?),
             session_traces: TraceIndex::new(tree("session_trace_buckets")?),
             experiment_traces: TraceIndex::new(tree("experiment_trace_buckets")?),
@@ -76,12 +82,35 @@ impl SledStore {
         })
     }
 
-    /// The summary behind one trace key; `None` for an index entry whose trace is gone.
+    /// The summary behind one trace key; `None` for an index entry whose trace is gone, or a
+    /// trace that cannot be read (said in the log: one lost record must not hide the rest).
     fn summary(&self, key: &[u8]) -> Result<Option<TraceSummary>, StoreError> {
-        match self.traces.get(key)? {
-            Some(bytes) => Ok(Some(decode_trace(key, &bytes)?.summary())),
-            None => Ok(None),
+        let Some(value) = self.traces.get(key)? else {
+            return Ok(None);
+        };
+        match self.load(key, &value) {
+            Ok(trace) => Ok(Some(trace.summary())),
+            Err(err) => {
+                tracing::warn!(%err, "skipping an unreadable trace");
+                Ok(None)
+            }
         }
+    }
+
+    /// The trace a `traces` value stands for: read from the log, or (schema 2) the value itself.
+    fn load(&self, key: &[u8], value: &[u8]) -> Result<Trace, StoreError> {
+        let Some((&LOCATED, at)) = value.split_first() else {
+            return decode_trace(key, value);
+        };
+        let at = Location::from_bytes(at)
+            .ok_or_else(|| corrupt_trace(key, "", format!("a location of {} bytes", at.len())))?;
+        let trace_key =
+            TraceKey::try_from(key).map_err(|_| corrupt_trace(key, "", "key".into()))?;
+        let payload = self
+            .log
+            .read(&trace_key, at)
+            .map_err(|reason| corrupt_trace(key, "", reason))?;
+        decode_trace(key, &payload)
     }
 
     /// Trace keys newest first, strictly before `before`, from the most selective index the
@@ -113,9 +142,11 @@ impl SledStore {
 
     fn trace_writes(trace: &Trace, writes: &mut Writes) -> Result<(), StoreError> {
         let key = trace_key(&trace.id)?;
-        // One record with its bodies: a write per trace fewer than keeping bodies apart, which
-        // matters more (the recorder's cost is mostly sled's) than listings decoding the bodies.
-        writes.traces.push((key.to_vec(), encode("trace", trace)?));
+        // One record with its bodies, in the log; sled gets where it is.
+        let at = writes
+            .records
+            .push(&key, |bytes| encode_into(bytes, "trace", trace))?;
+        writes.traces.push((key, at));
         Self::index_writes(trace, &key, writes)
     }
 
@@ -203,6 +234,12 @@ fn check_schema(db: &Db, path: &Path) -> Result<(), StoreError> {
     if found == 1 {
         upgrade_from_schema_1(db, &meta)?;
     }
+    if found < SCHEMA_VERSION {
+        // Schema 2's traces, held in the tree, stay readable where they are; new ones go to the
+        // log. The version moves so an older flowgate refuses the store instead of misreading it.
+        meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+        db.flush()?;
+    }
     Ok(())
 }
 
@@ -213,15 +250,17 @@ fn upgrade_from_schema_1(db: &Db, meta: &::sled::Tree) -> Result<(), StoreError>
         db.drop_tree(name)?;
     }
     meta.insert(CLEAN_KEY, &[0])?;
-    meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-    db.flush()?;
-    tracing::info!("store upgraded to schema {SCHEMA_VERSION}: trace indexes are rebuilt");
+    tracing::info!("store upgraded from schema 1: trace indexes are rebuilt");
     Ok(())
 }
 
 impl Store for SledStore {
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        let mut writes = Writes::default();
+        let mut writes = Writes {
+            // Most traces (small bodies) fit: no regrowth.
+            records: Records::with_capacity(batch.traces.len() * 4096),
+            ..Writes::default()
+        };
         for trace in &batch.traces {
             // One bad id (a recorder bug) must not cost the rest of the batch.
             if let Err(err) = Self::trace_writes(trace, &mut writes) {
@@ -246,7 +285,13 @@ impl Store for SledStore {
         // Records, then their indexes, aggregates last. A crash in between can keep traces whose
         // index entries were lost: the next start restores those (`recover_traces`) and
         // recomputes the aggregates.
-        insert_all(&self.traces, std::mem::take(&mut writes.traces))?;
+        if !writes.records.is_empty() {
+            let start = self.log.append(&writes.records)?;
+            for (key, at) in std::mem::take(&mut writes.traces) {
+                self.traces
+                    .insert(key, &located(TraceLog::placed(start, at)))?;
+            }
+        }
         self.run_traces
             .write(std::mem::take(&mut writes.run_traces))?;
         self.session_traces
@@ -264,7 +309,7 @@ impl Store for SledStore {
         let Some(stored) = self.traces.get(key)? else {
             return Ok(None);
         };
-        decode_trace(&key, &stored).map(Some)
+        self.load(&key, &stored).map(Some)
     }
 
     fn traces(&self, query: &TraceQuery) -> Result<TracePage, StoreError> {
@@ -363,6 +408,8 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        // The log first: sled must not hold a location whose record is not yet on disk.
+        self.log.sync()?;
         self.db.flush()?;
         Ok(())
     }
@@ -383,6 +430,7 @@ impl Store for SledStore {
     }
 
     fn close_session(&self) -> Result<(), StoreError> {
+        self.log.sync()?;
         self.db.open_tree("meta")?.insert(CLEAN_KEY, &[1])?;
         self.db.flush()?;
         Ok(())
@@ -391,7 +439,7 @@ impl Store for SledStore {
     fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError> {
         for entry in self.traces.iter() {
             let (key, value) = entry?;
-            match decode_trace(&key, &value) {
+            match self.load(&key, &value) {
                 Ok(trace) => visit(trace),
                 Err(err) => tracing::warn!(%err, "skipping an unreadable trace"),
             }
@@ -409,7 +457,7 @@ impl Store for SledStore {
         let mut pending = 0;
         for entry in self.traces.iter() {
             let (key, value) = entry?;
-            let trace = match decode_trace(&key, &value) {
+            let trace = match self.load(&key, &value) {
                 Ok(trace) => trace,
                 Err(err) => {
                     tracing::warn!(%err, "skipping an unreadable trace");
@@ -451,7 +499,10 @@ impl Store for SledStore {
 /// The entries of one [`Store::apply`], per tree.
 #[derive(Default)]
 struct Writes {
-    traces: Entries,
+    /// The batch's trace records, for the log.
+    records: Records,
+    /// Each trace's place among `records`.
+    traces: Vec<(TraceKey, Location)>,
     run_traces: Additions,
     session_traces: Additions,
     experiment_traces: Additions,
@@ -508,12 +559,26 @@ fn join(prefix: &[u8], suffix: &[u8]) -> Vec<u8> {
 }
 
 fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
-    // Most records (a trace with small bodies, a run with its sketches) fit: no regrowth.
+    // Most records (a run with its sketches) fit: no regrowth.
     let mut bytes = Vec::with_capacity(4096);
-    bytes.push(CODEC_VERSION);
-    serde_json::to_writer(&mut bytes, value)
-        .map_err(|source| StoreError::Encode { what, source })?;
+    encode_into(&mut bytes, what, value)?;
     Ok(bytes)
+}
+
+fn encode_into<T: Serialize>(
+    bytes: &mut Vec<u8>,
+    what: &'static str,
+    value: &T,
+) -> Result<(), StoreError> {
+    bytes.push(CODEC_VERSION);
+    serde_json::to_writer(bytes, value).map_err(|source| StoreError::Encode { what, source })
+}
+
+/// A `traces` value: where the trace is in the log.
+fn located(at: Location) -> [u8; 1 + LOCATION_LEN] {
+    let mut value = [LOCATED; 1 + LOCATION_LEN];
+    value[1..].copy_from_slice(&at.to_bytes());
+    value
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -903,6 +968,99 @@ mod tests {
         store.recover_traces(&mut |_| recovered += 1).unwrap();
         assert_eq!(recovered, traces.len());
         check_every_filter(&store, &traces, 4);
+    }
+
+    #[test]
+    fn schema_2_traces_stay_readable_beside_logged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let traces = sample_spaced(11);
+        let (logged, inline) = traces.split_at(traces.len() / 2);
+        {
+            let store = open(&dir);
+            store
+                .apply(&Batch {
+                    traces: logged.to_vec(),
+                    ..Batch::default()
+                })
+                .unwrap();
+            // What schema 2 wrote: the trace itself as the `traces` value.
+            let mut writes = Writes::default();
+            for trace in inline {
+                let key = trace_key(&trace.id).unwrap();
+                store
+                    .traces
+                    .insert(key, encode("trace", trace).unwrap())
+                    .unwrap();
+                SledStore::index_writes(trace, &key, &mut writes).unwrap();
+            }
+            store.apply_indexes(writes).unwrap();
+            let meta = store.db.open_tree("meta").unwrap();
+            meta.insert(SCHEMA_KEY, &2u32.to_be_bytes()).unwrap();
+            store.flush().unwrap();
+        }
+        let store = open(&dir);
+        let meta = store.db.open_tree("meta").unwrap();
+        assert_eq!(
+            meta.get(SCHEMA_KEY).unwrap().unwrap().as_ref(),
+            SCHEMA_VERSION.to_be_bytes(),
+            "an older flowgate must now refuse the store"
+        );
+        for trace in &traces {
+            assert_eq!(store.trace(&trace.id).unwrap().as_ref(), Some(trace));
+        }
+        check_every_filter(&store, &traces, 4);
+        let mut visited = 0;
+        store.for_each_trace(&mut |_| visited += 1).unwrap();
+        assert_eq!(visited, traces.len());
+    }
+
+    #[test]
+    fn a_trace_whose_record_was_lost_is_an_error_and_skipped_in_listings() {
+        let dir = tempfile::tempdir().unwrap();
+        let traces = sample();
+        {
+            let store = open(&dir);
+            store
+                .apply(&Batch {
+                    traces: traces.clone(),
+                    ..Batch::default()
+                })
+                .unwrap();
+            store.flush().unwrap();
+        }
+        // A power cut after sled's flush but before the log's: the log lost its last bytes.
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("db").join("traces.log"))
+            .unwrap();
+        log.set_len(log.metadata().unwrap().len() - 10).unwrap();
+
+        let store = open(&dir);
+        let (lost, kept) = traces.split_last().unwrap();
+        let err = store.trace(&lost.id).unwrap_err().to_string();
+        assert!(
+            err.contains(&lost.id) && err.contains("cannot be read"),
+            "{err}"
+        );
+        let listed = page_all(
+            &store,
+            TraceQuery {
+                limit: 5,
+                ..TraceQuery::default()
+            },
+        );
+        assert_eq!(listed, expected(kept, |_| true));
+        let mut visited = 0;
+        store.for_each_trace(&mut |_| visited += 1).unwrap();
+        assert_eq!(visited, kept.len());
+        // Written again (as the recorder does after a score), it is whole again.
+        store
+            .apply(&Batch {
+                traces: vec![lost.clone()],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(store.trace(&lost.id).unwrap().as_ref(), Some(lost));
     }
 
     #[test]
