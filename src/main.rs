@@ -165,7 +165,7 @@ fn store_check(path: Option<&Path>, config_path: Option<&Path>) -> Result<(), St
     let cache = flowgate::config::StorageConfig::default().cache_capacity_bytes;
     let store = SledStore::open(&path, cache).map_err(|err| err.to_string())?;
     let mut traces = 0u64;
-    store
+    let unreadable = store
         .for_each_trace(&mut |_| traces += 1)
         .map_err(|err| err.to_string())?;
     let runs = store.runs(None).map_err(|err| format!("runs: {err}"))?;
@@ -175,6 +175,12 @@ fn store_check(path: Option<&Path>, config_path: Option<&Path>) -> Result<(), St
     let clean = store.closed_cleanly().map_err(|err| err.to_string())?;
     println!("store:       {}", path.display());
     println!("traces:      {traces}");
+    if unreadable > 0 {
+        println!(
+            "unreadable:  {unreadable} (see the warnings: lost in a power cut, or damaged; the \
+             gateway serves the other traces and skips these)"
+        );
+    }
     println!("runs:        {}", runs.len());
     println!("experiments: {}", experiments.len());
     if clean {

@@ -70,8 +70,9 @@ pub trait Store: Send + Sync {
     fn closed_cleanly(&self) -> Result<bool, StoreError>;
     /// Marks a clean close (after a final flush).
     fn close_session(&self) -> Result<(), StoreError>;
-    /// Calls `visit` with every stored trace, oldest first.
-    fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError>;
+    /// Calls `visit` with every stored trace, oldest first; returns how many could not be read
+    /// (each is logged and skipped).
+    fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<u64, StoreError>;
     /// After an unclean stop: as `for_each_trace`, and restores each trace's index entries (a
     /// crash can keep a batch's traces but lose the index writes that followed them).
     fn recover_traces(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError>;

@@ -315,6 +315,87 @@ async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
     );
 }
 
+#[tokio::test]
+async fn a_trace_record_lost_in_a_power_cut_is_named_and_the_rest_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway = start(dir.path(), "http://127.0.0.1:9/v1").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let reply = send(
+            Method::POST,
+            &format!("{}/v1/chat/completions", gateway.url),
+            &[("content-type", "application/json")],
+            &json!({"model": "mock/gpt-4o-mini", "messages": [{"role": "user", "content": format!("q{i}")}]}).to_string(),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        ids.push(
+            reply.headers["x-flowgate-trace-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    signal(&gateway.child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut gateway.child, Duration::from_secs(15))
+            .await
+            .code(),
+        Some(0)
+    );
+    // The last record's bytes never reached the disk, though sled kept where it was.
+    let store = dir.path().join("flowgate.sled");
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .open(store.join("traces.log"))
+        .unwrap();
+    log.set_len(log.metadata().unwrap().len() - 5).unwrap();
+
+    let check = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["store", "check", "--path", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (report, warnings) = (
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr),
+    );
+    assert!(check.status.success(), "{report}{warnings}");
+    assert!(
+        report.contains("traces:      2") && report.contains("unreadable:  1"),
+        "{report}"
+    );
+    assert!(
+        warnings.contains(&ids[2]),
+        "the lost trace is named: {warnings}"
+    );
+
+    let restarted = start(dir.path(), "http://127.0.0.1:9/v1").await;
+    let listed = send(
+        Method::GET,
+        &format!("{}/api/v1/traces?limit=10", restarted.url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let listed: Vec<String> = listed.json()["traces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, [ids[1].clone(), ids[0].clone()]);
+    let lost = send(
+        Method::GET,
+        &format!("{}/api/v1/traces/{}", restarted.url, ids[2]),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(lost.status, 500);
+    assert!(lost.text().contains("cannot be read"), "{}", lost.text());
+}
+
 /// Every byte under `dir`, file by file.
 fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut out = Vec::new();

@@ -436,15 +436,19 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError> {
+    fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<u64, StoreError> {
+        let mut unreadable = 0;
         for entry in self.traces.iter() {
             let (key, value) = entry?;
             match self.load(&key, &value) {
                 Ok(trace) => visit(trace),
-                Err(err) => tracing::warn!(%err, "skipping an unreadable trace"),
+                Err(err) => {
+                    tracing::warn!(%err, "skipping an unreadable trace");
+                    unreadable += 1;
+                }
             }
         }
-        Ok(())
+        Ok(unreadable)
     }
 
     fn recover_traces(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError> {
@@ -1051,8 +1055,8 @@ mod tests {
         );
         assert_eq!(listed, expected(kept, |_| true));
         let mut visited = 0;
-        store.for_each_trace(&mut |_| visited += 1).unwrap();
-        assert_eq!(visited, kept.len());
+        let unreadable = store.for_each_trace(&mut |_| visited += 1).unwrap();
+        assert_eq!((visited, unreadable), (kept.len(), 1));
         // Written again (as the recorder does after a score), it is whole again.
         store
             .apply(&Batch {
