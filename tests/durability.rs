@@ -121,6 +121,13 @@ async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStat
     }
 }
 
+/// SIGTERM, and the exit status a clean stop gives.
+async fn stop_cleanly(process: &mut Process) {
+    signal(&process.child, "-TERM");
+    let status = wait_exit(&mut process.child, Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
 #[tokio::test]
 async fn sigterm_lets_a_stream_finish_stores_its_trace_and_exits_0() {
     let upstream = Upstream::start(|_| {
@@ -175,13 +182,7 @@ async fn sigterm_lets_a_stream_finish_stores_its_trace_and_exits_0() {
     assert_eq!(trace["status"], 200);
     assert_eq!(trace["error"], Value::Null, "{trace}");
     assert_eq!(trace["response_body"]["content"], "w0 w1 w2 w3 w4 ");
-    signal(&restarted.child, "-TERM");
-    assert_eq!(
-        wait_exit(&mut restarted.child, Duration::from_secs(15))
-            .await
-            .code(),
-        Some(0)
-    );
+    stop_cleanly(&mut restarted).await;
 }
 
 #[tokio::test]
@@ -306,13 +307,7 @@ async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
         total += stored;
     }
     assert!(total >= must_survive.len());
-    signal(&restarted.child, "-TERM");
-    assert_eq!(
-        wait_exit(&mut restarted.child, Duration::from_secs(15))
-            .await
-            .code(),
-        Some(0)
-    );
+    stop_cleanly(&mut restarted).await;
 }
 
 #[tokio::test]
@@ -336,13 +331,7 @@ async fn a_trace_record_lost_in_a_power_cut_is_named_and_the_rest_are_served() {
                 .to_owned(),
         );
     }
-    signal(&gateway.child, "-TERM");
-    assert_eq!(
-        wait_exit(&mut gateway.child, Duration::from_secs(15))
-            .await
-            .code(),
-        Some(0)
-    );
+    stop_cleanly(&mut gateway).await;
     // The last record's bytes never reached the disk, though sled kept where it was.
     let store = dir.path().join("flowgate.sled");
     let log = std::fs::OpenOptions::new()
@@ -465,13 +454,7 @@ async fn keys_never_reach_the_store_or_the_logs() {
         format!("Bearer {PROVIDER_KEY}").as_str(),
         "the provider key is used upstream"
     );
-    signal(&gateway.child, "-TERM");
-    assert_eq!(
-        wait_exit(&mut gateway.child, Duration::from_secs(15))
-            .await
-            .code(),
-        Some(0)
-    );
+    stop_cleanly(&mut gateway).await;
 
     let files = files_under(dir.path());
     assert!(
