@@ -91,7 +91,8 @@ pub struct RecorderHandle {
 
 impl RecorderHandle {
     /// Hands a finished call to the recorder without ever waiting: when the queue is full the
-    /// call has still succeeded, and the lost trace is counted in `flowgate_traces_dropped_total`.
+    /// call has still succeeded, and the lost trace is counted in `flowgate_traces_dropped_total`
+    /// (as are traces the store fails to write).
     pub fn record(&self, event: TraceEvent) {
         let size = event.size();
         if self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size > self.max_queued_bytes {
@@ -632,6 +633,11 @@ impl Recorder {
 
     fn write(&self, batch: Batch) {
         if let Err(err) = self.store.apply(&batch) {
+            // The calls succeeded but their traces are lost (a full disk, an I/O error): counted
+            // where the queue's losses are, so the same alert fires.
+            self.metrics
+                .traces_dropped
+                .inc_by(batch.traces.len() as u64);
             tracing::error!(%err, traces = batch.traces.len(), "could not store a batch of traces");
         }
     }
@@ -901,6 +907,123 @@ fn capture_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{SledStore, TracePage, TraceQuery};
+    use std::sync::atomic::AtomicBool;
+
+    /// The sled store, except that writing traces fails while `failing` is set.
+    struct FailingStore {
+        inner: SledStore,
+        failing: AtomicBool,
+    }
+
+    impl Store for FailingStore {
+        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+            if self.failing.load(Ordering::Relaxed) && !batch.traces.is_empty() {
+                return Err(StoreError::Corrupt {
+                    what: "the disk".into(),
+                    reason: "full".into(),
+                });
+            }
+            self.inner.apply(batch)
+        }
+        fn trace(&self, id: &str) -> Result<Option<Trace>, StoreError> {
+            self.inner.trace(id)
+        }
+        fn traces(&self, query: &TraceQuery) -> Result<TracePage, StoreError> {
+            self.inner.traces(query)
+        }
+        fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+            self.inner.run(id)
+        }
+        fn runs(&self, experiment: Option<&str>) -> Result<Vec<Run>, StoreError> {
+            self.inner.runs(experiment)
+        }
+        fn experiment(&self, name: &str) -> Result<Option<Experiment>, StoreError> {
+            self.inner.experiment(name)
+        }
+        fn experiments(&self) -> Result<Vec<Experiment>, StoreError> {
+            self.inner.experiments()
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+        fn open_session(&self) -> Result<bool, StoreError> {
+            self.inner.open_session()
+        }
+        fn closed_cleanly(&self) -> Result<bool, StoreError> {
+            self.inner.closed_cleanly()
+        }
+        fn close_session(&self) -> Result<(), StoreError> {
+            self.inner.close_session()
+        }
+        fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<u64, StoreError> {
+            self.inner.for_each_trace(visit)
+        }
+        fn recover_traces(&self, visit: &mut dyn FnMut(Trace)) -> Result<(), StoreError> {
+            self.inner.recover_traces(visit)
+        }
+        fn replace_aggregates(
+            &self,
+            runs: &[Run],
+            experiments: &[Experiment],
+        ) -> Result<(), StoreError> {
+            self.inner.replace_aggregates(runs, experiments)
+        }
+    }
+
+    fn finished_call() -> TraceEvent {
+        TraceEvent {
+            trace: Trace {
+                id: uuid::Uuid::now_v7().to_string(),
+                experiment: "disk".into(),
+                run_id: "r1".into(),
+                endpoint: "chat.completions".into(),
+                status: 200,
+                ..Trace::default()
+            },
+            endpoint: Endpoint::ChatCompletions,
+            request_body: Bytes::from_static(b"{}"),
+            response: vec![(0, Bytes::from_static(b"{}"))],
+            response_cut: false,
+            first_byte_us: None,
+            response_is_sse: false,
+            output_checked: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn traces_the_store_cannot_write_are_counted_as_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(FailingStore {
+            inner: SledStore::open(&dir.path().join("db"), 1 << 20).expect("store"),
+            failing: AtomicBool::new(false),
+        });
+        let metrics = Arc::new(Metrics::new());
+        let config = crate::config::Config::default();
+        let (handle, control) = spawn(
+            store.clone(),
+            metrics.clone(),
+            Pricing::new(&Default::default()).expect("pricing"),
+            RecorderSettings::from_config(&config),
+        )
+        .expect("recorder");
+
+        handle.record(finished_call());
+        handle.sync().await.expect("synced");
+        assert_eq!(
+            metrics.traces_dropped.get(),
+            0,
+            "a stored trace is not dropped"
+        );
+
+        store.failing.store(true, Ordering::Relaxed);
+        for _ in 0..3 {
+            handle.record(finished_call());
+        }
+        handle.sync().await.expect("synced");
+        assert_eq!(metrics.traces_dropped.get(), 3);
+        control.shutdown().await;
+    }
 
     fn streamed(text: &str) -> (TraceEvent, usage::Answer) {
         let event = TraceEvent {
