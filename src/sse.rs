@@ -155,14 +155,26 @@ pub fn is_usage_only_chunk(raw: &[u8]) -> bool {
         return false;
     }
     let event = parse_event(raw);
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(&event.data) else {
+    // Only the two members, kept raw: no value tree is built for the rest of the chunk.
+    #[derive(serde::Deserialize)]
+    struct Chunk<'a> {
+        #[serde(default, borrow)]
+        choices: Option<&'a serde_json::value::RawValue>,
+        #[serde(default, borrow)]
+        usage: Option<&'a serde_json::value::RawValue>,
+    }
+    let Ok(chunk) = serde_json::from_str::<Chunk>(&event.data) else {
         return false;
     };
-    let no_choices = value
-        .get("choices")
-        .and_then(|c| c.as_array())
-        .is_none_or(|c| c.is_empty());
-    no_choices && value.get("usage").is_some_and(|u| u.is_object())
+    let starts = |raw: Option<&serde_json::value::RawValue>, byte| {
+        raw.is_some_and(|raw| raw.get().as_bytes().first() == Some(&byte))
+    };
+    // Choices absent, null, anything but an array, or an empty one, as before.
+    let no_choices = match chunk.choices {
+        Some(choices) if starts(Some(choices), b'[') => choices.get()[1..].trim_start() == "]",
+        _ => true,
+    };
+    no_choices && starts(chunk.usage, b'{')
 }
 
 /// Whether `raw` (an event, or several) has a `"usage"` member whose value is an object: when
@@ -260,8 +272,18 @@ mod tests {
 
     #[test]
     fn usage_only_chunk_detection() {
-        let cases: [(&[u8], bool); 5] = [
+        let cases: [(&[u8], bool); 10] = [
             (br#"data: {"choices":[],"usage":{"prompt_tokens":1}}"#, true),
+            (br#"data: {"usage":{"prompt_tokens":1}}"#, true),
+            (
+                br#"data: {"choices":null,"usage":{"prompt_tokens":1}}"#,
+                true,
+            ),
+            (
+                br#"data: {"choices":[ ],"usage":{"prompt_tokens":1}}"#,
+                true,
+            ),
+            (br#"data: {"choices":[],"usage":{"prompt_tokens":1}"#, false),
             (
                 br#"data: {"choices": [], "usage" : {"prompt_tokens":1}}"#,
                 true,
@@ -275,6 +297,10 @@ mod tests {
                 false,
             ),
             (b"data: [DONE]", false),
+            (
+                br#"data: {"choices":[{}],"usage":{"a":{"usage":{}}}}"#,
+                false,
+            ),
         ];
         for (raw, expected) in cases {
             assert_eq!(
