@@ -162,6 +162,22 @@ impl TraceLog {
 
     /// The payload of the record of `key` at `at`.
     pub(super) fn read(&self, key: &TraceKey, at: Location) -> Result<Vec<u8>, String> {
+        // Checked before allocating: a damaged location must not ask for gigabytes.
+        let end = *self
+            .end
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let record_end = at
+            .offset
+            .saturating_add((HEAD_LEN as u64) + u64::from(at.len));
+        if record_end > end {
+            return Err(format!(
+                "its record at byte {} of {} cannot be read: it would end at byte {record_end}, \
+                 past the log's {end} (lost in a power cut?)",
+                at.offset,
+                self.path.display()
+            ));
+        }
         let mut record = vec![0; HEAD_LEN + at.len as usize];
         read_exact_at(&self.file, &mut record, at.offset).map_err(|err| {
             format!(
@@ -270,6 +286,12 @@ mod tests {
             len: 6,
         };
         assert!(log.read(&b, beyond).unwrap_err().contains("cannot be read"));
+        // A damaged location asks for no more than the log holds.
+        let huge = Location {
+            offset: 0,
+            len: u32::MAX,
+        };
+        assert!(log.read(&a, huge).unwrap_err().contains("past the log's"));
 
         // Reopened, it appends after what is there.
         drop(log);
