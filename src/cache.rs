@@ -51,8 +51,8 @@ impl Directive {
     }
 }
 
-/// 128 bits of two independently keyed SipHashes: collisions are out of reach, and the keys are
-/// secret to this process, so a client cannot craft a request that lands on another's entry.
+/// 128 bits of SipHash-1-3 (128-bit output) keyed with a secret of this process: collisions are
+/// out of reach, and a client cannot craft a request that lands on another's entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key(u64, u64);
 

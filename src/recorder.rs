@@ -634,7 +634,8 @@ impl Recorder {
     fn write(&self, batch: Batch) {
         if let Err(err) = self.store.apply(&batch) {
             // The calls succeeded but their traces are lost (a full disk, an I/O error): counted
-            // where the queue's losses are, so the same alert fires.
+            // where the queue's losses are, so the same alert fires. The whole batch counts; a
+            // write that failed part-way may have kept some of it (an alert that errs high).
             self.metrics
                 .traces_dropped
                 .inc_by(batch.traces.len() as u64);

@@ -166,15 +166,16 @@ pub fn is_usage_only_chunk(raw: &[u8]) -> bool {
     let Ok(chunk) = serde_json::from_str::<Chunk>(&event.data) else {
         return false;
     };
-    let starts = |raw: Option<&serde_json::value::RawValue>, byte| {
-        raw.is_some_and(|raw| raw.get().as_bytes().first() == Some(&byte))
-    };
-    // Choices absent, null, anything but an array, or an empty one, as before.
-    let no_choices = match chunk.choices {
-        Some(choices) if starts(Some(choices), b'[') => choices.get()[1..].trim_start() == "]",
+    // A raw value starts at its first byte. Choices absent, null, anything but an array, or an
+    // empty one, as before.
+    let no_choices = match chunk.choices.map(|choices| choices.get()) {
+        Some(choices) if choices.starts_with('[') => choices[1..].trim_start() == "]",
         _ => true,
     };
-    no_choices && starts(chunk.usage, b'{')
+    no_choices
+        && chunk
+            .usage
+            .is_some_and(|usage| usage.get().starts_with('{'))
 }
 
 /// Whether `raw` (an event, or several) has a `"usage"` member whose value is an object: when
