@@ -125,6 +125,11 @@ impl ResponseCache {
                 u32::try_from(entry.body.len() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
             })
             .time_to_live(Duration::from_secs(config.ttl_seconds))
+            // LRU, not moka's default TinyLFU: TinyLFU admits a new entry into a full cache only
+            // if its key was asked for more often than the victim's, so a cache full of answers
+            // asked for once kept no new answer at all until entries expired, and the call a user
+            // repeats right away missed (see `a_new_answer_is_kept_even_when_the_cache_is_full`).
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         Some(ResponseCache {
             entries,
@@ -630,41 +635,70 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn a_cache_full_of_large_answers_stays_inside_max_bytes() {
-        let max_bytes = 1024 * 1024;
-        let cache = ResponseCache::new(&CacheConfig {
+    /// An enabled cache of `max_bytes` that caches every call.
+    fn sized(max_bytes: u64) -> ResponseCache {
+        ResponseCache::new(&CacheConfig {
             max_bytes,
             mode: CacheMode::All,
             ..CacheConfig::default()
         })
-        .expect("enabled");
+        .expect("enabled")
+    }
+
+    /// Answers call number `n` (a miss) with `body`; its key.
+    async fn answer_call(cache: &ResponseCache, n: &str, body: &Bytes) -> Key {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let key = key_of(cache, &format!(r#"{{"n":"{n}"}}"#), None).expect("key");
+        let Lookup::Miss(fill) = cache.lookup(key, Directive::Auto, deadline).await else {
+            panic!("a new key misses");
+        };
+        fill.complete(Some(Entry {
+            body: body.clone(),
+            sse: false,
+        }));
+        key
+    }
+
+    #[tokio::test]
+    async fn a_new_answer_is_kept_even_when_the_cache_is_full() {
+        let cache = sized(1024 * 1024);
+        let answer = Bytes::from(vec![b'x'; 16 * 1024]);
+        // Four times what fits: the cache is full of answers nobody asked for again.
+        for n in 0..256 {
+            answer_call(&cache, &n.to_string(), &answer).await;
+            cache.entries.run_pending_tasks().await;
+        }
+        // The call a user repeats right away must be answered from the cache.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut kept = 0;
+        for n in 256..266 {
+            let key = answer_call(&cache, &n.to_string(), &answer).await;
+            cache.entries.run_pending_tasks().await;
+            kept += usize::from(matches!(
+                cache.lookup(key, Directive::Auto, deadline).await,
+                Lookup::Hit(_)
+            ));
+        }
+        assert_eq!(kept, 10, "only {kept} of 10 new answers were kept");
+    }
+
+    #[tokio::test]
+    async fn a_cache_full_of_large_answers_stays_inside_max_bytes() {
+        let max_bytes = 1024 * 1024;
+        let cache = sized(max_bytes);
         let answer = Bytes::from(vec![b'x'; 100 * 1024]);
         for n in 0..50 {
-            let key = key_of(&cache, &format!(r#"{{"n":{n}}}"#), None).expect("key");
-            let Lookup::Miss(fill) = cache.lookup(key, Directive::Auto, deadline).await else {
-                panic!("a new key misses");
-            };
-            fill.complete(Some(Entry {
-                body: answer.clone(),
-                sse: false,
-            }));
+            answer_call(&cache, &n.to_string(), &answer).await;
         }
         // An answer over an eighth of the cache is not stored at all.
-        let key = key_of(&cache, r#"{"n":"huge"}"#, None).expect("key");
-        if let Lookup::Miss(fill) = cache.lookup(key, Directive::Auto, deadline).await {
-            fill.complete(Some(Entry {
-                body: Bytes::from(vec![b'y'; 200 * 1024]),
-                sse: false,
-            }));
-        }
+        let huge = answer_call(&cache, "huge", &Bytes::from(vec![b'y'; 200 * 1024])).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (entries, bytes) = cache.usage().await;
         assert!(bytes <= max_bytes, "{bytes} bytes in {entries} entries");
         assert!(entries >= 5, "the cache still holds answers: {entries}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         assert!(matches!(
-            cache.lookup(key, Directive::Auto, deadline).await,
+            cache.lookup(huge, Directive::Auto, deadline).await,
             Lookup::Miss(_)
         ));
     }

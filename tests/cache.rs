@@ -385,3 +385,34 @@ async fn cached_answers_replay_in_the_shape_asked_for() {
         "one call per distinct question"
     );
 }
+
+#[tokio::test]
+async fn a_full_cache_still_keeps_a_new_answer() {
+    let upstream = Upstream::start(answering("Noted.")).await;
+    // Room for a few dozen ~1 KB answers.
+    let gateway = TestGateway::start(&upstream.base_url(), "", "[cache]\nmax_bytes = 65536").await;
+    for n in 0..200 {
+        let reply = gateway
+            .chat(&[], question(&format!("One-off question {n}"), 0.0))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let body = question("A question asked twice", 0.0);
+    let first = gateway.chat(&[], body.clone()).await;
+    assert_eq!(first.header("x-flowgate-cache"), "miss");
+    // A few more calls and a pause, so that the cache has settled what it keeps.
+    for n in 0..10 {
+        gateway
+            .chat(&[], question(&format!("Another question {n}"), 0.0))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    gateway.chat(&[], question("One more", 0.0)).await;
+    let repeat = gateway.chat(&[], body).await;
+    assert_eq!(
+        repeat.header("x-flowgate-cache"),
+        "hit",
+        "the answer made last among many was kept"
+    );
+    assert_eq!(repeat.body, first.body);
+}
