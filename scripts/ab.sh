@@ -11,8 +11,8 @@
 # release mode (a revision in a worktree under target/ab/, with a target directory of its own).
 # The harness flags default to `--only nonstream,closed --rates 1000 --duration-secs 8 --no-floor`.
 # Prints one line per run: for each scenario the added p50 / p99 (ms; of the first chunk for streams), the
-# throughput ratio to direct, and the gateway's CPU µs per call. Each run's JSON is kept in
-# target/ab/.
+# throughput ratio to direct, and the gateway's CPU µs per call; then, for more than one pair, each
+# side's medians. Each run's JSON is kept in target/ab/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -72,23 +72,31 @@ echo "building $before and $after" >&2
 wrap_before=$(wrapper before "$(binary "$before")")
 wrap_after=$(wrapper after "$(binary "$after")")
 
+# Prints, per scenario, the added p50 / p99, throughput ratio and CPU per call: of one run
+# (`summary LABEL JSON`), or the median of each over several (`summary LABEL JSON JSON ...`).
 summary() {
-    python3 - "$1" "$2" <<'PY'
-import json, sys
-label, path = sys.argv[1], sys.argv[2]
-report = json.load(open(path))
+    python3 - "$@" <<'PY'
+import json, statistics, sys
+label, paths = sys.argv[1], sys.argv[2:]
+
+def figures(path):
+    out = {}
+    for scenario in json.load(open(path))["scenarios"]:
+        added = next(a for a in scenario["added"] if a["target"] == "flowgate")
+        phase = next(p for p in scenario["phases"] if p["target"] == "flowgate")
+        if scenario["stream"]:
+            what, p50, p99 = "ttfc", added["first_chunk_p50_ms"], added["first_chunk_p99_ms"]
+        else:
+            what, p50, p99 = "added", added["latency"]["p50_ms"], added["latency"]["p99_ms"]
+        cpu = phase["process"]["cpu_us_per_request"]
+        out[scenario["name"]] = (what, p50, p99, added["throughput_ratio"], cpu)
+    return out
+
+runs = [figures(path) for path in paths]
 parts = []
-for scenario in report["scenarios"]:
-    added = next(a for a in scenario["added"] if a["target"] == "flowgate")
-    phase = next(p for p in scenario["phases"] if p["target"] == "flowgate")
-    if scenario["stream"]:
-        what, p50, p99 = "ttfc", added["first_chunk_p50_ms"], added["first_chunk_p99_ms"]
-    else:
-        what, p50, p99 = "added", added["latency"]["p50_ms"], added["latency"]["p99_ms"]
-    parts.append(
-        f"{scenario['name']}: {what} {p50:+.3f} / {p99:+.3f}"
-        f" x{added['throughput_ratio']:.3f} cpu {phase['process']['cpu_us_per_request']:.0f}"
-    )
+for name, (what, *_) in runs[0].items():
+    p50, p99, ratio, cpu = (statistics.median(run[name][i] for run in runs) for i in range(1, 5))
+    parts.append(f"{name}: {what} {p50:+.3f} / {p99:+.3f} x{ratio:.3f} cpu {cpu:.0f}")
 print(f"{label:7}", " | ".join(parts), flush=True)
 PY
 }
@@ -106,3 +114,12 @@ for pair in $(seq 1 "$pairs"); do
         summary "$side" "$out/$side-$pair.json"
     done
 done
+
+if [ "$pairs" -gt 1 ]; then
+    echo "medians of $pairs runs each:"
+    for side in before after; do
+        runs=()
+        for pair in $(seq 1 "$pairs"); do runs+=("$out/$side-$pair.json"); done
+        summary "$side" "${runs[@]}"
+    done
+fi
