@@ -633,9 +633,9 @@ impl Recorder {
         });
     }
 
-    /// Writes the pending traces alone; their runs follow with the next [`Recorder::flush`].
-    /// Writes what is pending in small batches, offering the core between them: one write of a
-    /// closed loop's ~350 traces was a burst of ~4 ms.
+    /// Writes the pending traces alone (their runs follow with the next [`Recorder::flush`]), in
+    /// small batches with the core offered between them: one write of a closed loop's ~350
+    /// traces was a burst of ~4 ms.
     fn write_traces(&mut self) {
         let mut pending = std::mem::take(&mut self.pending);
         while !pending.is_empty() {
