@@ -935,7 +935,7 @@ mod tests {
     struct FailingStore {
         inner: SledStore,
         failing: AtomicBool,
-        written: AtomicUsize,
+        received: AtomicUsize,
         largest_batch: AtomicUsize,
     }
 
@@ -944,7 +944,7 @@ mod tests {
             FailingStore {
                 inner: SledStore::open(&dir.join("db"), 1 << 20).expect("store"),
                 failing: AtomicBool::new(false),
-                written: AtomicUsize::new(0),
+                received: AtomicUsize::new(0),
                 largest_batch: AtomicUsize::new(0),
             }
         }
@@ -954,7 +954,7 @@ mod tests {
         fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
             let traces = batch.traces.len();
             self.largest_batch.fetch_max(traces, Ordering::Relaxed);
-            self.written.fetch_add(traces, Ordering::Relaxed);
+            self.received.fetch_add(traces, Ordering::Relaxed);
             if self.failing.load(Ordering::Relaxed) && !batch.traces.is_empty() {
                 return Err(StoreError::Corrupt {
                     what: "the disk".into(),
@@ -1080,15 +1080,15 @@ mod tests {
             handle.record(finished_call());
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while store.written.load(Ordering::Relaxed) < backlog {
+        while store.received.load(Ordering::Relaxed) < backlog {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{} of {backlog} traces written",
-                store.written.load(Ordering::Relaxed)
+                "{} of {backlog} traces reached the store",
+                store.received.load(Ordering::Relaxed)
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(store.written.load(Ordering::Relaxed), backlog);
+        assert_eq!(store.received.load(Ordering::Relaxed), backlog);
         assert!(store.largest_batch.load(Ordering::Relaxed) <= WRITE_CHUNK);
         control.shutdown().await;
     }
