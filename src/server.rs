@@ -27,6 +27,9 @@ use crate::response::{self, ResponseBody};
 use crate::store::{SledStore, Store};
 use crate::telemetry::{Exposition, Metrics, RejectLabels};
 
+mod wakeups;
+use wakeups::AbsorbSelfWakes;
+
 /// Admin request bodies are small JSON documents.
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
 
@@ -177,19 +180,20 @@ async fn serve(
                 let (app, builder, stopped) = (app.clone(), builder.clone(), stopped.clone());
                 match limits.tls.clone() {
                     None => {
-                        connections.spawn(drive(builder, TokioIo::new(stream), app, peer, stopped));
+                        let connection = drive(builder, TokioIo::new(stream), app, peer, stopped);
+                        connections.spawn(AbsorbSelfWakes::new(connection));
                     }
                     Some(acceptor) => {
                         // The handshake runs in the connection's task, bounded like a request head.
                         let handshake_limit = limits.header_read_timeout;
-                        connections.spawn(async move {
+                        connections.spawn(AbsorbSelfWakes::new(async move {
                             let stream = match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
                                 Ok(Ok(stream)) => stream,
                                 Ok(Err(err)) => return tracing::debug!(%err, %peer, "TLS handshake failed"),
                                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                             };
                             drive(builder, TokioIo::new(stream), app, peer, stopped).await;
-                        });
+                        }));
                     }
                 }
             }
