@@ -764,7 +764,7 @@ fn gateway_parks_per_call(calls: u32) -> f64 {
         Reply::Json(200, chat_completion("Revenge, mostly.", 12, 4))
     }));
     let upstream_url = upstream.base_url();
-    let gateway =
+    let mut gateway =
         gateway_runtime.block_on(async move { TestGateway::start(&upstream_url, "", "").await });
     let url = format!("{}/v1/chat/completions", gateway.url);
     let metrics = gateway_runtime.metrics();
@@ -800,7 +800,8 @@ fn gateway_parks_per_call(calls: u32) -> f64 {
         }
         fewest
     });
-    drop(gateway);
+    // Stopped on its own runtime, before its store's directory goes.
+    gateway_runtime.block_on(gateway.stop());
     per_call
 }
 
