@@ -4,14 +4,14 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `traces` | 16 raw bytes of the UUIDv7 trace id (big-endian, so time-ordered) | where the trace (bodies included) is in `traces.log` (see `log`); schema 2 held the trace itself |
-//! | `run_trace_buckets` | run id ‖ 100 ms bucket | trace ids of the run started in it (see `index`) |
+//! | `trace_buckets` | 100 ms bucket of the UUIDv7 trace id's time | the bucket's trace keys (16 raw bytes, big-endian, so time-ordered), each with where the trace (bodies included) is in `traces.log` (see `log`, `buckets`) |
+//! | `run_trace_buckets` | run id ‖ 100 ms bucket | trace keys of the run started in it (see `buckets`) |
 //! | `session_trace_buckets` | session ‖ 100 ms bucket | likewise, by session |
 //! | `experiment_trace_buckets` | experiment ‖ 100 ms bucket | likewise, by experiment |
 //! | `experiment_runs` | experiment ‖ run id | empty |
 //! | `runs` | run id | [`Run`] with its sketches |
 //! | `experiments` | experiment name | [`Experiment`] |
-//! | `meta` | `schema_version` | u32, big-endian (3; 2 kept traces in the tree, 1 also an index entry per trace) |
+//! | `meta` | `schema_version` | u32, big-endian (4; 3 kept a `traces` tree entry per trace, 2 the trace itself there, 1 also an index entry per trace) |
 //!
 //! In index keys the first part is length-prefixed (u32, big-endian), so one part's bytes can
 //! never run into the next and a prefix scan for "ab" never sees "abc". Values are a one-byte
@@ -22,7 +22,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-mod index;
+mod buckets;
 mod log;
 
 use ::sled::{Config, Db, Tree};
@@ -33,28 +33,33 @@ use uuid::Uuid;
 use super::{Batch, Store, StoreError, TracePage, TraceQuery};
 use crate::runs::{Experiment, Run};
 use crate::trace::{Trace, TraceSummary};
-use index::{Additions, TraceIndex};
+use buckets::{Additions, Buckets};
 use log::{Location, Records, TraceLog, LOCATION_LEN};
 
 /// The on-disk layout version; a database with a newer one is refused, not misread.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 /// The index trees of schema 1 (an entry per trace), dropped when such a database is opened.
 const SCHEMA_1_INDEXES: [&str; 3] = ["run_traces", "session_traces", "experiment_traces"];
+/// Schemas 1 to 3 kept an entry per trace here; its traces move to `trace_buckets` at open.
+const OLD_TRACES_TREE: &str = "traces";
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// 1 after a clean close, 0 while in use: a 0 at start means the last run crashed.
 const CLEAN_KEY: &[u8] = b"clean_shutdown";
 /// Leads every stored value, so the value encoding can change without a schema migration.
 const CODEC_VERSION: u8 = 1;
-/// Leads a `traces` value that is a [`Location`] in the trace log, not the trace itself.
+/// Leads an old `traces` value that is a [`Location`] in the trace log, not the trace itself.
 const LOCATED: u8 = 2;
 const TRACE_KEY_LEN: usize = 16;
 
 type TraceKey = [u8; TRACE_KEY_LEN];
+/// The trace indexes file trace keys alone.
+type TraceIndex = Buckets<0>;
 
 pub struct SledStore {
     db: Db,
-    traces: Tree,
     log: TraceLog,
+    /// Where each trace is in the log.
+    locations: Buckets<LOCATION_LEN>,
     run_traces: TraceIndex,
     session_traces: TraceIndex,
     experiment_traces: TraceIndex,
@@ -67,28 +72,111 @@ impl SledStore {
     /// Opens (or creates) the database at `path` with a page cache of `cache_capacity_bytes`.
     pub fn open(path: &Path, cache_capacity_bytes: u64) -> Result<SledStore, StoreError> {
         let db = open_db(path, cache_capacity_bytes)?;
-        check_schema(&db, path)?;
+        let found = check_schema(&db, path)?;
         let tree = |name: &str| db.open_tree(name);
-        Ok(SledStore {
-            traces: tree("traces")?,
+        let store = SledStore {
             log: TraceLog::open(path)?,
-            run_traces: TraceIndex::new(tree("run_trace_buckets")?),
-            session_traces: TraceIndex::new(tree("session_trace_buckets")?),
-            experiment_traces: TraceIndex::new(tree("experiment_trace_buckets")?),
+            locations: Buckets::new(tree("trace_buckets")?),
+            run_traces: Buckets::new(tree("run_trace_buckets")?),
+            session_traces: Buckets::new(tree("session_trace_buckets")?),
+            experiment_traces: Buckets::new(tree("experiment_trace_buckets")?),
             experiment_runs: tree("experiment_runs")?,
             runs: tree("runs")?,
             experiments: tree("experiments")?,
             db,
-        })
+        };
+        store.move_old_traces_tree()?;
+        if found < SCHEMA_VERSION {
+            // Only now, with everything moved: an older flowgate must refuse the store instead
+            // of misreading it, and a crash before this point redoes the move.
+            let meta = store.db.open_tree("meta")?;
+            meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            store.db.flush()?;
+        }
+        Ok(store)
     }
 
-    /// The summary behind one trace key; `None` for an index entry whose trace is gone, or a
-    /// trace that cannot be read (said in the log: one lost record must not hide the rest).
-    fn summary(&self, key: &[u8]) -> Result<Option<TraceSummary>, StoreError> {
-        let Some(value) = self.traces.get(key)? else {
-            return Ok(None);
+    /// Moves the traces of schemas 1 to 3 (a `traces` tree entry per trace: a location in the
+    /// log, or in schemas 1 and 2 the trace itself, which goes to the log now) into
+    /// `trace_buckets`, then drops the old tree. Moving twice (a crash before the drop) only
+    /// files the same traces again.
+    fn move_old_traces_tree(&self) -> Result<(), StoreError> {
+        const PER_BATCH: usize = 10_000;
+        let exists = self
+            .db
+            .tree_names()
+            .iter()
+            .any(|name| name == OLD_TRACES_TREE.as_bytes());
+        if !exists {
+            return Ok(());
+        }
+        let old = self.db.open_tree(OLD_TRACES_TREE)?;
+        let mut moved = 0u64;
+        let mut entries = old.iter().peekable();
+        while entries.peek().is_some() {
+            let mut records = Records::default();
+            let mut inline = Vec::new();
+            let mut located = Additions::default();
+            for entry in entries.by_ref().take(PER_BATCH) {
+                let (key, value) = entry?;
+                let Ok(key) = TraceKey::try_from(key.as_ref()) else {
+                    tracing::warn!(key = ?key, "skipping a trace with a malformed key");
+                    continue;
+                };
+                match value.split_first() {
+                    Some((&LOCATED, at)) => match Location::from_bytes(at) {
+                        Some(at) => located.add(&[], &key, at.to_bytes()),
+                        None => tracing::warn!(
+                            err = %corrupt_trace(&key, "", format!("a location of {} bytes", at.len())),
+                            "skipping an unreadable trace"
+                        ),
+                    },
+                    // Schema 2: the encoded trace itself, exactly a log record's payload.
+                    _ => inline.push((
+                        key,
+                        records.push(&key, |bytes| {
+                            bytes.extend_from_slice(&value);
+                            Ok(())
+                        })?,
+                    )),
+                }
+                moved += 1;
+            }
+            if !records.is_empty() {
+                let start = self.log.append(&records)?;
+                for (key, at) in inline {
+                    located.add(&[], &key, TraceLog::placed(start, at).to_bytes());
+                }
+            }
+            self.locations.write(located)?;
+        }
+        // The log first: sled must not hold a location whose record is not yet on disk.
+        self.log.sync()?;
+        self.db.flush()?;
+        self.db.drop_tree(OLD_TRACES_TREE)?;
+        self.db.flush()?;
+        tracing::info!(
+            traces = moved,
+            "store upgraded: traces are filed in time buckets"
+        );
+        Ok(())
+    }
+
+    /// The summary of one trace; `None` for an index entry whose trace is gone, or a trace that
+    /// cannot be read (said in the log: one lost record must not hide the rest).
+    fn summary(
+        &self,
+        key: &TraceKey,
+        at: Option<[u8; LOCATION_LEN]>,
+    ) -> Result<Option<TraceSummary>, StoreError> {
+        let at = match at {
+            Some(at) => at,
+            None => match self.locations.get(&[], key)? {
+                Some(at) => at,
+                None => return Ok(None),
+            },
         };
-        match self.load(key, &value) {
+        match self.load(key, &at) {
             Ok(trace) => Ok(Some(trace.summary())),
             Err(err) => {
                 tracing::warn!(%err, "skipping an unreadable trace");
@@ -97,29 +185,24 @@ impl SledStore {
         }
     }
 
-    /// The trace a `traces` value stands for: read from the log, or (schema 2) the value itself.
-    fn load(&self, key: &[u8], value: &[u8]) -> Result<Trace, StoreError> {
-        let Some((&LOCATED, at)) = value.split_first() else {
-            return decode_trace(key, value);
-        };
+    /// The trace at `at` in the log.
+    fn load(&self, key: &TraceKey, at: &[u8; LOCATION_LEN]) -> Result<Trace, StoreError> {
         let at = Location::from_bytes(at)
-            .ok_or_else(|| corrupt_trace(key, "", format!("a location of {} bytes", at.len())))?;
-        let trace_key =
-            TraceKey::try_from(key).map_err(|_| corrupt_trace(key, "", "key".into()))?;
+            .ok_or_else(|| corrupt_trace(key, "", "its location".into()))?;
         let payload = self
             .log
-            .read(&trace_key, at)
+            .read(key, at)
             .map_err(|reason| corrupt_trace(key, "", reason))?;
         decode_trace(key, &payload)
     }
 
     /// Trace keys newest first, strictly before `before`, from the most selective index the
-    /// query allows.
+    /// query allows; with the trace's location when the listing had it at hand.
     fn newest_keys<'a>(
         &'a self,
         query: &TraceQuery,
         before: Option<TraceKey>,
-    ) -> Result<Box<dyn Iterator<Item = Result<TraceKey, StoreError>> + 'a>, StoreError> {
+    ) -> Result<Box<dyn Iterator<Item = Result<Listed, StoreError>> + 'a>, StoreError> {
         let index = [
             (&self.session_traces, &query.session),
             (&self.run_traces, &query.run),
@@ -128,16 +211,15 @@ impl SledStore {
         .into_iter()
         .find_map(|(tree, value)| value.as_deref().map(|value| (tree, value)));
         let Some((tree, value)) = index else {
-            let keys = match before {
-                Some(before) => self.traces.range(..before),
-                None => self.traces.range::<&[u8], _>(..),
-            };
-            return Ok(Box::new(keys.rev().map(|entry| {
-                let (key, _) = entry?;
-                TraceKey::try_from(key.as_ref()).map_err(|_| corrupt_trace(&key, "", "key".into()))
-            })));
+            let all = self.locations.newest(Vec::new(), before);
+            return Ok(Box::new(
+                all.map(|entry| entry.map(|(key, at)| (key, Some(at)))),
+            ));
         };
-        Ok(Box::new(tree.newest(value, before)?))
+        let keys = tree.newest(length_prefixed(value)?, before);
+        Ok(Box::new(
+            keys.map(|entry| entry.map(|(key, [])| (key, None))),
+        ))
     }
 
     fn trace_writes(trace: &Trace, writes: &mut Writes) -> Result<(), StoreError> {
@@ -152,10 +234,16 @@ impl SledStore {
 
     /// The index entries that find a trace by run, experiment and session.
     fn index_writes(trace: &Trace, key: &TraceKey, writes: &mut Writes) -> Result<(), StoreError> {
-        writes.run_traces.add(&trace.run_id, key)?;
-        writes.experiment_traces.add(&trace.experiment, key)?;
+        writes
+            .run_traces
+            .add(&length_prefixed(&trace.run_id)?, key, []);
+        writes
+            .experiment_traces
+            .add(&length_prefixed(&trace.experiment)?, key, []);
         if let Some(session) = &trace.session {
-            writes.session_traces.add(session, key)?;
+            writes
+                .session_traces
+                .add(&length_prefixed(session)?, key, []);
         }
         Ok(())
     }
@@ -167,6 +255,9 @@ impl SledStore {
         Ok(())
     }
 }
+
+/// A listed trace key, with its location if the listing read it already.
+type Listed = (TraceKey, Option<[u8; LOCATION_LEN]>);
 
 /// How long to wait for another holder of the database lock to let go: a previous flowgate
 /// (or sled's own background I/O of one just closed) that is still finishing.
@@ -212,11 +303,13 @@ fn try_open_db(path: &Path, cache_capacity_bytes: u64) -> Result<Db, StoreError>
     }
 }
 
-fn check_schema(db: &Db, path: &Path) -> Result<(), StoreError> {
+/// The stored schema version (a new database gets the current one); a newer one is refused.
+/// Moving to the current version is [`SledStore::open`]'s, once the old traces are moved.
+fn check_schema(db: &Db, path: &Path) -> Result<u32, StoreError> {
     let meta = db.open_tree("meta")?;
     let Some(stored) = meta.get(SCHEMA_KEY)? else {
         meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-        return Ok(());
+        return Ok(SCHEMA_VERSION);
     };
     let found = <[u8; 4]>::try_from(stored.as_ref())
         .map(u32::from_be_bytes)
@@ -234,13 +327,7 @@ fn check_schema(db: &Db, path: &Path) -> Result<(), StoreError> {
     if found == 1 {
         upgrade_from_schema_1(db, &meta)?;
     }
-    if found < SCHEMA_VERSION {
-        // Schema 2's traces, held in the tree, stay readable where they are; new ones go to the
-        // log. The version moves so an older flowgate refuses the store instead of misreading it.
-        meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-        db.flush()?;
-    }
-    Ok(())
+    Ok(found)
 }
 
 /// Schema 1 differs only in its indexes: drop them and mark the last session unclean, so the
@@ -287,10 +374,11 @@ impl Store for SledStore {
         // recomputes the aggregates.
         if !writes.records.is_empty() {
             let start = self.log.append(&writes.records)?;
+            let mut located = Additions::default();
             for (key, at) in std::mem::take(&mut writes.traces) {
-                self.traces
-                    .insert(key, &located(TraceLog::placed(start, at)))?;
+                located.add(&[], &key, TraceLog::placed(start, at).to_bytes());
             }
+            self.locations.write(located)?;
         }
         self.run_traces
             .write(std::mem::take(&mut writes.run_traces))?;
@@ -306,10 +394,10 @@ impl Store for SledStore {
 
     fn trace(&self, id: &str) -> Result<Option<Trace>, StoreError> {
         let key = trace_key(id)?;
-        let Some(stored) = self.traces.get(key)? else {
+        let Some(at) = self.locations.get(&[], &key)? else {
             return Ok(None);
         };
-        self.load(&key, &stored).map(Some)
+        self.load(&key, &at).map(Some)
     }
 
     fn traces(&self, query: &TraceQuery) -> Result<TracePage, StoreError> {
@@ -326,8 +414,9 @@ impl Store for SledStore {
                 next_cursor: None,
             });
         }
-        for key in self.newest_keys(query, before)? {
-            let Some(summary) = self.summary(&key?)? else {
+        for listed in self.newest_keys(query, before)? {
+            let (key, at) = listed?;
+            let Some(summary) = self.summary(&key, at)? else {
                 continue;
             };
             // Stale index entries (a trace re-written with other tags) fail this and are skipped.
@@ -418,7 +507,7 @@ impl Store for SledStore {
         // A new database has nothing to recompute: count it as clean.
         Ok(match self.db.open_tree("meta")?.get(CLEAN_KEY)? {
             Some(flag) => flag.as_ref() == [1],
-            None => self.traces.is_empty(),
+            None => self.locations.is_empty(),
         })
     }
 
@@ -438,9 +527,9 @@ impl Store for SledStore {
 
     fn for_each_trace(&self, visit: &mut dyn FnMut(Trace)) -> Result<u64, StoreError> {
         let mut unreadable = 0;
-        for entry in self.traces.iter() {
-            let (key, value) = entry?;
-            match self.load(&key, &value) {
+        for entry in self.locations.oldest() {
+            let (key, at) = entry?;
+            match self.load(&key, &at) {
                 Ok(trace) => visit(trace),
                 Err(err) => {
                     tracing::warn!(%err, "skipping an unreadable trace");
@@ -459,18 +548,14 @@ impl Store for SledStore {
         self.experiment_traces.clear()?;
         let mut writes = Writes::default();
         let mut pending = 0;
-        for entry in self.traces.iter() {
-            let (key, value) = entry?;
-            let trace = match self.load(&key, &value) {
+        for entry in self.locations.oldest() {
+            let (key, at) = entry?;
+            let trace = match self.load(&key, &at) {
                 Ok(trace) => trace,
                 Err(err) => {
                     tracing::warn!(%err, "skipping an unreadable trace");
                     continue;
                 }
-            };
-            let Ok(key) = TraceKey::try_from(key.as_ref()) else {
-                tracing::warn!(key = ?key, "skipping a trace with a malformed key");
-                continue;
             };
             Self::index_writes(&trace, &key, &mut writes)?;
             pending += 1;
@@ -507,9 +592,9 @@ struct Writes {
     records: Records,
     /// Each trace's place among `records`.
     traces: Vec<(TraceKey, Location)>,
-    run_traces: Additions,
-    session_traces: Additions,
-    experiment_traces: Additions,
+    run_traces: Additions<0>,
+    session_traces: Additions<0>,
+    experiment_traces: Additions<0>,
     runs: Entries,
     experiment_runs: Entries,
     experiments: Entries,
@@ -576,13 +661,6 @@ fn encode_into<T: Serialize>(
 ) -> Result<(), StoreError> {
     bytes.push(CODEC_VERSION);
     serde_json::to_writer(bytes, value).map_err(|source| StoreError::Encode { what, source })
-}
-
-/// A `traces` value: where the trace is in the log.
-fn located(at: Location) -> [u8; 1 + LOCATION_LEN] {
-    let mut value = [LOCATED; 1 + LOCATION_LEN];
-    value[1..].copy_from_slice(&at.to_bytes());
-    value
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -736,6 +814,42 @@ mod tests {
             })
             .unwrap();
         assert_eq!(page.traces, vec![original.summary()]);
+    }
+
+    #[test]
+    fn traces_take_a_sled_entry_per_100_ms_not_one_per_trace() {
+        // sled keeps memory for every page it ever held: an entry per trace grew RSS without
+        // end (`tests/store_memory.rs`).
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let traces: Vec<Trace> = (0..1000).map(|n| trace(n, "a", "r0", Some("s"))).collect();
+        for batch in traces.chunks(25) {
+            store
+                .apply(&Batch {
+                    traces: batch.to_vec(),
+                    ..Batch::default()
+                })
+                .unwrap();
+        }
+        for tree in [
+            "trace_buckets",
+            "run_trace_buckets",
+            "session_trace_buckets",
+            "experiment_trace_buckets",
+        ] {
+            assert_eq!(store.db.open_tree(tree).unwrap().len(), 10, "{tree}");
+        }
+        let listed = store
+            .traces(&TraceQuery {
+                limit: 1000,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        assert_eq!(listed.traces.len(), 1000);
+        assert_eq!(
+            store.trace(&traces[517].id).unwrap().as_ref(),
+            Some(&traces[517])
+        );
     }
 
     #[test]
@@ -974,48 +1088,124 @@ mod tests {
         check_every_filter(&store, &traces, 4);
     }
 
+    /// Writes what schema 3 left (a `traces` entry per trace: its location in the log) for
+    /// `logged`, and what schema 2 left (the trace itself as the value) for `inline`, with their
+    /// index entries.
+    fn write_schema_3(path: &Path, logged: &[Trace], inline: &[Trace]) {
+        let db = Config::new().path(path).open().unwrap();
+        let log = TraceLog::open(path).unwrap();
+        let old = db.open_tree(OLD_TRACES_TREE).unwrap();
+        let mut records = Records::default();
+        let mut placed = Vec::new();
+        for trace in logged {
+            let key = trace_key(&trace.id).unwrap();
+            let at = records
+                .push(&key, |bytes| encode_into(bytes, "trace", trace))
+                .unwrap();
+            placed.push((key, at));
+        }
+        let start = log.append(&records).unwrap();
+        for (key, at) in placed {
+            let mut value = vec![LOCATED];
+            value.extend_from_slice(&TraceLog::placed(start, at).to_bytes());
+            old.insert(key, value).unwrap();
+        }
+        let mut writes = Writes::default();
+        for trace in inline {
+            let key = trace_key(&trace.id).unwrap();
+            old.insert(key, encode("trace", trace).unwrap()).unwrap();
+        }
+        for trace in logged.iter().chain(inline) {
+            let key = trace_key(&trace.id).unwrap();
+            SledStore::index_writes(trace, &key, &mut writes).unwrap();
+        }
+        let index = |name: &str| TraceIndex::new(db.open_tree(name).unwrap());
+        index("run_trace_buckets").write(writes.run_traces).unwrap();
+        index("session_trace_buckets")
+            .write(writes.session_traces)
+            .unwrap();
+        index("experiment_trace_buckets")
+            .write(writes.experiment_traces)
+            .unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(SCHEMA_KEY, &3u32.to_be_bytes()).unwrap();
+        meta.insert(CLEAN_KEY, &[1]).unwrap();
+        log.sync().unwrap();
+        db.flush().unwrap();
+    }
+
+    fn has_old_traces_tree(store: &SledStore) -> bool {
+        store
+            .db
+            .tree_names()
+            .iter()
+            .any(|name| name == OLD_TRACES_TREE.as_bytes())
+    }
+
+    fn check_all_readable(store: &SledStore, traces: &[Trace]) {
+        for trace in traces {
+            assert_eq!(store.trace(&trace.id).unwrap().as_ref(), Some(trace));
+        }
+        check_every_filter(store, traces, 4);
+        let mut visited = Vec::new();
+        store
+            .for_each_trace(&mut |trace| visited.push(trace.id))
+            .unwrap();
+        let all: Vec<String> = traces.iter().map(|t| t.id.clone()).collect();
+        assert_eq!(visited, all, "every trace once, oldest first");
+    }
+
     #[test]
-    fn schema_2_traces_stay_readable_beside_logged_ones() {
+    fn schema_2_and_3_traces_move_into_buckets() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
         let traces = sample_spaced(11);
         let (logged, inline) = traces.split_at(traces.len() / 2);
-        {
-            let store = open(&dir);
-            store
-                .apply(&Batch {
-                    traces: logged.to_vec(),
-                    ..Batch::default()
-                })
-                .unwrap();
-            // What schema 2 wrote: the trace itself as the `traces` value.
-            let mut writes = Writes::default();
-            for trace in inline {
-                let key = trace_key(&trace.id).unwrap();
-                store
-                    .traces
-                    .insert(key, encode("trace", trace).unwrap())
-                    .unwrap();
-                SledStore::index_writes(trace, &key, &mut writes).unwrap();
-            }
-            store.apply_indexes(writes).unwrap();
-            let meta = store.db.open_tree("meta").unwrap();
-            meta.insert(SCHEMA_KEY, &2u32.to_be_bytes()).unwrap();
-            store.flush().unwrap();
-        }
+        write_schema_3(&path, logged, inline);
+
         let store = open(&dir);
-        let meta = store.db.open_tree("meta").unwrap();
+        let schema = store.db.open_tree("meta").unwrap().get(SCHEMA_KEY).unwrap();
         assert_eq!(
-            meta.get(SCHEMA_KEY).unwrap().unwrap().as_ref(),
+            schema.unwrap().as_ref(),
             SCHEMA_VERSION.to_be_bytes(),
             "an older flowgate must now refuse the store"
         );
-        for trace in &traces {
-            assert_eq!(store.trace(&trace.id).unwrap().as_ref(), Some(trace));
+        assert!(!has_old_traces_tree(&store), "the old tree is dropped");
+        assert!(store.closed_cleanly().unwrap(), "moving needs no recovery");
+        check_all_readable(&store, &traces);
+        // New traces land beside the moved ones.
+        let newer: Vec<Trace> = (30..35).map(|n| trace(n * 11, "a", "r0", None)).collect();
+        store
+            .apply(&Batch {
+                traces: newer.clone(),
+                ..Batch::default()
+            })
+            .unwrap();
+        drop(store);
+        let store = open(&dir);
+        check_all_readable(&store, &[traces.clone(), newer].concat());
+    }
+
+    #[test]
+    fn a_move_interrupted_before_the_drop_is_redone_without_doubles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let traces = sample_spaced(11);
+        write_schema_3(&path, &traces, &[]);
+        {
+            // The move ran, the version moved, and the process died before the old tree went.
+            let store = open(&dir);
+            let old = store.db.open_tree(OLD_TRACES_TREE).unwrap();
+            for trace in &traces {
+                let key = trace_key(&trace.id).unwrap();
+                let at = store.locations.get(&[], &key).unwrap().unwrap();
+                old.insert(key, [&[LOCATED][..], &at].concat()).unwrap();
+            }
+            store.flush().unwrap();
         }
-        check_every_filter(&store, &traces, 4);
-        let mut visited = 0;
-        store.for_each_trace(&mut |_| visited += 1).unwrap();
-        assert_eq!(visited, traces.len());
+        let store = open(&dir);
+        assert!(!has_old_traces_tree(&store));
+        check_all_readable(&store, &traces);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! sled copies a leaf on every insert, rewrites it whole every few updates and splits it every 16
 //! entries. With traces of a few KB in the leaves, that wrote ~10 KB per 2.3 KB trace
 //! (`tests/store_memory.rs`; ~13 KB per trace in the gateway under load) and was most of the
-//! recorder's page faults. Here a trace is written once, in one `write` per batch, and sled's
-//! `traces` tree holds a 13-byte value (codec byte and [`Location`]): ~3 KB written per trace.
+//! recorder's page faults. Here a trace is written once, in one `write` per batch, and sled holds
+//! its 12-byte [`Location`] beside its key, in its time bucket (`buckets`): ~3 KB written per
+//! trace.
 //!
 //! A record is `len (u32, big-endian) ‖ trace key (16 bytes) ‖ payload`; the payload is the
 //! encoded trace (codec byte, then JSON), exactly what the tree held inline before. Reading checks
@@ -23,7 +24,7 @@ use crate::store::StoreError;
 
 const FILE_NAME: &str = "traces.log";
 const HEAD_LEN: usize = 4 + TRACE_KEY_LEN;
-/// What a [`Location`] takes in the `traces` tree.
+/// What a [`Location`] takes in sled.
 pub(super) const LOCATION_LEN: usize = 12;
 
 /// Where one record's payload is in the log.
