@@ -1,5 +1,7 @@
 //! How much memory the sled store holds, and what it costs per trace (time, bytes written, bytes
-//! on disk), while traces stream in. Ignored by default (it writes 300k traces); run with `cargo test --release --test store_memory -- --ignored --nocapture`.
+//! on disk), while traces stream in. Ignored by default (it writes 300k traces); run with `cargo test --release --test store_memory -- --ignored --nocapture`,
+//! with `FLOWGATE_STORE_RATE=N` to write as at N calls a second (1000 unless set) and
+//! `FLOWGATE_STORE_TRACES=N` to write N traces (300k unless set).
 
 use flowgate::store::{Batch, SledStore, Store};
 use flowgate::trace::{Captured, Trace};
@@ -39,10 +41,19 @@ fn disk_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// The id of the n-th trace of a gateway serving 1000 calls a second: the store files index
-/// entries by the time in the id, so this writes them as such a gateway does, only faster.
-fn at_1000_per_second(n: u64) -> String {
-    let ms = 1_750_000_000_000 + n;
+/// A positive number from the environment, or `default`.
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .filter(|&value| value > 0)
+        .unwrap_or(default)
+}
+
+/// The id of the n-th trace of a gateway serving `rate` calls a second: the store files traces
+/// by the time in the id, so this writes them as such a gateway does, only faster.
+fn at_rate(n: u64, rate: u64) -> String {
+    let ms = 1_750_000_000_000 + n * 1000 / rate;
     let ts = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
     uuid::Uuid::new_v7(ts).to_string()
 }
@@ -59,11 +70,15 @@ fn store_memory_stays_bounded_while_writing() {
     let body = Captured::text(&"x".repeat(1000), false);
     let started = rss_kb();
     let (clock, written) = (std::time::Instant::now(), written_bytes());
-    // As the recorder writes at 1000 calls a second: 25 traces every 25 ms, flushed every 200 ms.
-    for round in 0..12000 {
-        let traces: Vec<Trace> = (0..25)
+    // As the recorder writes: a batch every 25 ms, flushed every 200 ms.
+    let rate = env_or("FLOWGATE_STORE_RATE", 1000);
+    let total = env_or("FLOWGATE_STORE_TRACES", 300_000);
+    let every = (total / 6).max(1);
+    let per_batch = (rate / 40).max(1);
+    for round in 0..total / per_batch {
+        let traces: Vec<Trace> = (0..per_batch)
             .map(|i| Trace {
-                id: at_1000_per_second(round * 25 + i),
+                id: at_rate(round * per_batch + i, rate),
                 experiment: "mem".into(),
                 run_id: format!("run{}", round % 4),
                 endpoint: "chat.completions".into(),
@@ -82,8 +97,8 @@ fn store_memory_stays_bounded_while_writing() {
         if round % 8 == 7 {
             store.flush().unwrap();
         }
-        if round % 2000 == 1999 {
-            let traces = (round + 1) * 25;
+        let traces = (round + 1) * per_batch;
+        if traces % every < per_batch {
             println!(
                 "{traces} traces: RSS {} MB (+{} MB), {:.1} µs and {:.1} KB written per trace, {:.1} KB on disk",
                 rss_kb() / 1024,

@@ -4,14 +4,14 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `trace_buckets` | 100 ms bucket of the UUIDv7 trace id's time | the bucket's trace keys (16 raw bytes, big-endian, so time-ordered), each with where the trace (bodies included) is in `traces.log` (see `log`, `buckets`) |
-//! | `run_trace_buckets` | run id ‖ 100 ms bucket | trace keys of the run started in it (see `buckets`) |
-//! | `session_trace_buckets` | session ‖ 100 ms bucket | likewise, by session |
-//! | `experiment_trace_buckets` | experiment ‖ 100 ms bucket | likewise, by experiment |
+//! | `trace_chunks` | a chunk's first trace key (16 raw bytes of the UUIDv7 id, big-endian, so time-ordered) | up to 128 consecutive trace keys, each with where the trace (bodies included) is in `traces.log` (see `log`, `chunks`) |
+//! | `run_trace_chunks` | run id ‖ first trace key | up to 128 consecutive trace keys of the run (see `chunks`) |
+//! | `session_trace_chunks` | session ‖ first trace key | likewise, by session |
+//! | `experiment_trace_chunks` | experiment ‖ first trace key | likewise, by experiment |
 //! | `experiment_runs` | experiment ‖ run id | empty |
 //! | `runs` | run id | [`Run`] with its sketches |
 //! | `experiments` | experiment name | [`Experiment`] |
-//! | `meta` | `schema_version` | u32, big-endian (4; 3 kept a `traces` tree entry per trace, 2 the trace itself there, 1 also an index entry per trace) |
+//! | `meta` | `schema_version` | u32, big-endian (4; 3 kept a `traces` tree entry per trace and indexes in 100 ms buckets, 2 the trace itself in that tree, 1 also an index entry per trace) |
 //!
 //! In index keys the first part is length-prefixed (u32, big-endian), so one part's bytes can
 //! never run into the next and a prefix scan for "ab" never sees "abc". Values are a one-byte
@@ -22,7 +22,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-mod buckets;
+mod chunks;
 mod log;
 
 use ::sled::{Config, Db, Tree};
@@ -33,14 +33,22 @@ use uuid::Uuid;
 use super::{Batch, Store, StoreError, TracePage, TraceQuery};
 use crate::runs::{Experiment, Run};
 use crate::trace::{Trace, TraceSummary};
-use buckets::{Additions, Buckets};
+use chunks::{Additions, Chunks};
 use log::{Location, Records, TraceLog, LOCATION_LEN};
 
 /// The on-disk layout version; a database with a newer one is refused, not misread.
 pub const SCHEMA_VERSION: u32 = 4;
-/// The index trees of schema 1 (an entry per trace), dropped when such a database is opened.
-const SCHEMA_1_INDEXES: [&str; 3] = ["run_traces", "session_traces", "experiment_traces"];
-/// Schemas 1 to 3 kept an entry per trace here; its traces move to `trace_buckets` at open.
+/// The index trees of schemas 1 (an entry per trace) and 2 to 3 (100 ms buckets), dropped when
+/// such a database is opened; crash recovery rebuilds the indexes from the traces.
+const OLD_INDEXES: [&str; 6] = [
+    "run_traces",
+    "session_traces",
+    "experiment_traces",
+    "run_trace_buckets",
+    "session_trace_buckets",
+    "experiment_trace_buckets",
+];
+/// Schemas 1 to 3 kept an entry per trace here; its traces move to `trace_chunks` at open.
 const OLD_TRACES_TREE: &str = "traces";
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// 1 after a clean close, 0 while in use: a 0 at start means the last run crashed.
@@ -53,13 +61,13 @@ const TRACE_KEY_LEN: usize = 16;
 
 type TraceKey = [u8; TRACE_KEY_LEN];
 /// The trace indexes file trace keys alone.
-type TraceIndex = Buckets<0>;
+type TraceIndex = Chunks<0>;
 
 pub struct SledStore {
     db: Db,
     log: TraceLog,
     /// Where each trace is in the log.
-    locations: Buckets<LOCATION_LEN>,
+    locations: Chunks<LOCATION_LEN>,
     run_traces: TraceIndex,
     session_traces: TraceIndex,
     experiment_traces: TraceIndex,
@@ -76,10 +84,10 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name);
         let store = SledStore {
             log: TraceLog::open(path)?,
-            locations: Buckets::new(tree("trace_buckets")?),
-            run_traces: Buckets::new(tree("run_trace_buckets")?),
-            session_traces: Buckets::new(tree("session_trace_buckets")?),
-            experiment_traces: Buckets::new(tree("experiment_trace_buckets")?),
+            locations: Chunks::new(tree("trace_chunks")?),
+            run_traces: Chunks::new(tree("run_trace_chunks")?),
+            session_traces: Chunks::new(tree("session_trace_chunks")?),
+            experiment_traces: Chunks::new(tree("experiment_trace_chunks")?),
             experiment_runs: tree("experiment_runs")?,
             runs: tree("runs")?,
             experiments: tree("experiments")?,
@@ -98,7 +106,7 @@ impl SledStore {
 
     /// Moves the traces of schemas 1 to 3 (a `traces` tree entry per trace: a location in the
     /// log, or in schemas 1 and 2 the trace itself, which goes to the log now) into
-    /// `trace_buckets`, then drops the old tree. Moving twice (a crash before the drop) only
+    /// `trace_chunks`, then drops the old tree. Moving twice (a crash before the drop) only
     /// files the same traces again.
     fn move_old_traces_tree(&self) -> Result<(), StoreError> {
         const PER_BATCH: usize = 10_000;
@@ -157,7 +165,7 @@ impl SledStore {
         self.db.flush()?;
         tracing::info!(
             traces = moved,
-            "store upgraded: traces are filed in time buckets"
+            "store upgraded: trace locations are filed in chunks"
         );
         Ok(())
     }
@@ -324,20 +332,20 @@ fn check_schema(db: &Db, path: &Path) -> Result<u32, StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
-    if found == 1 {
-        upgrade_from_schema_1(db, &meta)?;
+    if found < SCHEMA_VERSION {
+        drop_old_indexes(db, &meta)?;
     }
     Ok(found)
 }
 
-/// Schema 1 differs only in its indexes: drop them and mark the last session unclean, so the
-/// recorder's start-up recovery rebuilds them (in buckets) from the traces.
-fn upgrade_from_schema_1(db: &Db, meta: &::sled::Tree) -> Result<(), StoreError> {
-    for name in SCHEMA_1_INDEXES {
+/// Drops the indexes of an older schema and marks the last session unclean, so the recorder's
+/// start-up recovery rebuilds them (in chunks) from the traces.
+fn drop_old_indexes(db: &Db, meta: &::sled::Tree) -> Result<(), StoreError> {
+    for name in OLD_INDEXES {
         db.drop_tree(name)?;
     }
     meta.insert(CLEAN_KEY, &[0])?;
-    tracing::info!("store upgraded from schema 1: trace indexes are rebuilt");
+    tracing::info!("store upgraded: the trace indexes are rebuilt from the traces");
     Ok(())
 }
 
@@ -756,8 +764,7 @@ mod tests {
         sample_spaced(1)
     }
 
-    /// As [`sample`], `step_ms` apart: 1 keeps them in one index bucket, 37 and 250 spread them
-    /// over many.
+    /// As [`sample`], `step_ms` apart.
     fn sample_spaced(step_ms: u64) -> Vec<Trace> {
         (0..25)
             .map(|n| {
@@ -817,7 +824,7 @@ mod tests {
     }
 
     #[test]
-    fn traces_take_a_sled_entry_per_100_ms_not_one_per_trace() {
+    fn traces_take_a_sled_entry_per_128_not_one_each() {
         // sled keeps memory for every page it ever held: an entry per trace grew RSS without
         // end (`tests/store_memory.rs`).
         let dir = tempfile::tempdir().unwrap();
@@ -832,12 +839,12 @@ mod tests {
                 .unwrap();
         }
         for tree in [
-            "trace_buckets",
-            "run_trace_buckets",
-            "session_trace_buckets",
-            "experiment_trace_buckets",
+            "trace_chunks",
+            "run_trace_chunks",
+            "session_trace_chunks",
+            "experiment_trace_chunks",
         ] {
-            assert_eq!(store.db.open_tree(tree).unwrap().len(), 10, "{tree}");
+            assert_eq!(store.db.open_tree(tree).unwrap().len(), 8, "{tree}");
         }
         let listed = store
             .traces(&TraceQuery {
@@ -1110,23 +1117,17 @@ mod tests {
             value.extend_from_slice(&TraceLog::placed(start, at).to_bytes());
             old.insert(key, value).unwrap();
         }
-        let mut writes = Writes::default();
         for trace in inline {
             let key = trace_key(&trace.id).unwrap();
             old.insert(key, encode("trace", trace).unwrap()).unwrap();
         }
-        for trace in logged.iter().chain(inline) {
-            let key = trace_key(&trace.id).unwrap();
-            SledStore::index_writes(trace, &key, &mut writes).unwrap();
+        // Schema 3's indexes (100 ms buckets), which the upgrade drops and recovery rebuilds.
+        for name in &OLD_INDEXES[3..] {
+            db.open_tree(name)
+                .unwrap()
+                .insert(b"bucket", &[0; 16])
+                .unwrap();
         }
-        let index = |name: &str| TraceIndex::new(db.open_tree(name).unwrap());
-        index("run_trace_buckets").write(writes.run_traces).unwrap();
-        index("session_trace_buckets")
-            .write(writes.session_traces)
-            .unwrap();
-        index("experiment_trace_buckets")
-            .write(writes.experiment_traces)
-            .unwrap();
         let meta = db.open_tree("meta").unwrap();
         meta.insert(SCHEMA_KEY, &3u32.to_be_bytes()).unwrap();
         meta.insert(CLEAN_KEY, &[1]).unwrap();
@@ -1156,7 +1157,7 @@ mod tests {
     }
 
     #[test]
-    fn schema_2_and_3_traces_move_into_buckets() {
+    fn schema_2_and_3_traces_move_into_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let traces = sample_spaced(11);
@@ -1171,7 +1172,18 @@ mod tests {
             "an older flowgate must now refuse the store"
         );
         assert!(!has_old_traces_tree(&store), "the old tree is dropped");
-        assert!(store.closed_cleanly().unwrap(), "moving needs no recovery");
+        assert!(
+            !store.closed_cleanly().unwrap(),
+            "the upgrade must ask for recovery, which rebuilds the indexes"
+        );
+        assert!(!store
+            .db
+            .tree_names()
+            .iter()
+            .any(|name| OLD_INDEXES.iter().any(|old| name == old.as_bytes())));
+        let mut recovered = 0;
+        store.recover_traces(&mut |_| recovered += 1).unwrap();
+        assert_eq!(recovered, traces.len());
         check_all_readable(&store, &traces);
         // New traces land beside the moved ones.
         let newer: Vec<Trace> = (30..35).map(|n| trace(n * 11, "a", "r0", None)).collect();
@@ -1195,6 +1207,7 @@ mod tests {
         {
             // The move ran, the version moved, and the process died before the old tree went.
             let store = open(&dir);
+            store.recover_traces(&mut |_| {}).unwrap();
             let old = store.db.open_tree(OLD_TRACES_TREE).unwrap();
             for trace in &traces {
                 let key = trace_key(&trace.id).unwrap();
