@@ -197,21 +197,13 @@ impl<const V: usize> Chunks<V> {
         // Strictly decreasing keys: `before`, then each key listed, bounds the next.
         let mut bound = before;
         chunks.flat_map(move |chunk| {
-            let entries: Vec<Result<Entry<V>, StoreError>> = match chunk {
-                Ok((_, stored)) => entries_of::<V>(&stored)
-                    .rev()
-                    .filter(|(key, _)| {
-                        let keep = bound.is_none_or(|bound| *key < bound);
-                        if keep {
-                            bound = Some(*key);
-                        }
-                        keep
-                    })
-                    .map(Ok)
-                    .collect(),
-                Err(err) => vec![Err(err.into())],
-            };
-            entries
+            entries_in(chunk, Order::NewestFirst, |key| {
+                let keep = bound.is_none_or(|bound| *key < bound);
+                if keep {
+                    bound = Some(*key);
+                }
+                keep
+            })
         })
     }
 
@@ -220,20 +212,13 @@ impl<const V: usize> Chunks<V> {
         // Strictly increasing keys: doubles of an interrupted split are skipped.
         let mut bound: Option<TraceKey> = None;
         self.tree.iter().flat_map(move |chunk| {
-            let entries: Vec<Result<Entry<V>, StoreError>> = match chunk {
-                Ok((_, stored)) => entries_of::<V>(&stored)
-                    .filter(|(key, _)| {
-                        let keep = bound.is_none_or(|bound| *key > bound);
-                        if keep {
-                            bound = Some(*key);
-                        }
-                        keep
-                    })
-                    .map(Ok)
-                    .collect(),
-                Err(err) => vec![Err(err.into())],
-            };
-            entries
+            entries_in(chunk, Order::OldestFirst, |key| {
+                let keep = bound.is_none_or(|bound| *key > bound);
+                if keep {
+                    bound = Some(*key);
+                }
+                keep
+            })
         })
     }
 
@@ -244,6 +229,30 @@ impl<const V: usize> Chunks<V> {
     pub(super) fn clear(&self) -> Result<(), StoreError> {
         self.tree.clear()?;
         Ok(())
+    }
+}
+
+enum Order {
+    NewestFirst,
+    OldestFirst,
+}
+
+/// The entries of a chunk as read from the tree, in `order`, those whose key `keep` accepts; a
+/// failed read is one error.
+fn entries_in<const V: usize>(
+    chunk: ::sled::Result<(IVec, IVec)>,
+    order: Order,
+    mut keep: impl FnMut(&TraceKey) -> bool,
+) -> Vec<Result<Entry<V>, StoreError>> {
+    let stored = match chunk {
+        Ok((_, stored)) => stored,
+        Err(err) => return vec![Err(err.into())],
+    };
+    let entries = entries_of::<V>(&stored);
+    let kept = |entry: &Entry<V>| keep(&entry.0);
+    match order {
+        Order::NewestFirst => entries.rev().filter(kept).map(Ok).collect(),
+        Order::OldestFirst => entries.filter(kept).map(Ok).collect(),
     }
 }
 
