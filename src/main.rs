@@ -159,8 +159,13 @@ fn store_check(path: Option<&Path>, config_path: Option<&Path>) -> Result<(), St
                 .path
         }
     };
-    if !path.exists() {
-        return Err(format!("no store at {}", path.display()));
+    // sled would make a new, empty store of any directory it is pointed at: a typo must not.
+    if !path.join("db").is_file() {
+        return Err(format!(
+            "no flowgate store at {}: a store is a directory holding sled's `db` file and \
+             `traces.log` (the gateway's `storage.path`, ./data/flowgate.sled by default)",
+            path.display()
+        ));
     }
     let cache = flowgate::config::StorageConfig::default().cache_capacity_bytes;
     let store = SledStore::open(&path, cache).map_err(|err| err.to_string())?;

@@ -245,6 +245,19 @@ async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
         "store check tells of the crash: {report}"
     );
 
+    // Pointed at the directory above the store, it says so and creates nothing there.
+    let above = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["store", "check", "--path", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&above.stderr);
+    assert_eq!(above.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no flowgate store at"), "{stderr}");
+    assert!(
+        !dir.path().join("db").exists(),
+        "no store made where none was"
+    );
+
     let mut restarted = start(dir.path(), "http://127.0.0.1:9/v1").await;
     // While a gateway holds the store, a second one fails with a message naming the path and
     // what to do, not a panic.

@@ -4,8 +4,8 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `trace_chunks` | a chunk's first trace key (16 raw bytes of the UUIDv7 id, big-endian, so time-ordered) | up to 128 consecutive trace keys, each with where the trace (bodies included) is in `traces.log` (see `log`, `chunks`) |
-//! | `run_trace_chunks` | run id ‖ first trace key | up to 128 consecutive trace keys of the run (see `chunks`) |
+//! | `trace_chunks` | a chunk's first trace key (16 raw bytes of the UUIDv7 id, big-endian, so time-ordered) | up to 64 consecutive trace keys, each with where the trace (bodies included) is in `traces.log` (see `log`, `chunks`) |
+//! | `run_trace_chunks` | run id ‖ first trace key | up to 64 consecutive trace keys of the run (see `chunks`) |
 //! | `session_trace_chunks` | session ‖ first trace key | likewise, by session |
 //! | `experiment_trace_chunks` | experiment ‖ first trace key | likewise, by experiment |
 //! | `experiment_runs` | experiment ‖ run id | empty |
@@ -824,7 +824,7 @@ mod tests {
     }
 
     #[test]
-    fn traces_take_a_sled_entry_per_128_not_one_each() {
+    fn traces_take_a_sled_entry_per_64_not_one_each() {
         // sled keeps memory for every page it ever held: an entry per trace grew RSS without
         // end (`tests/store_memory.rs`).
         let dir = tempfile::tempdir().unwrap();
@@ -844,7 +844,7 @@ mod tests {
             "session_trace_chunks",
             "experiment_trace_chunks",
         ] {
-            assert_eq!(store.db.open_tree(tree).unwrap().len(), 8, "{tree}");
+            assert_eq!(store.db.open_tree(tree).unwrap().len(), 16, "{tree}");
         }
         let listed = store
             .traces(&TraceQuery {

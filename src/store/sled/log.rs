@@ -5,7 +5,7 @@
 //! entries. With traces of a few KB in the leaves, that wrote ~10 KB per 2.3 KB trace
 //! (`tests/store_memory.rs`; ~13 KB per trace in the gateway under load) and was most of the
 //! recorder's page faults. Here a trace is written once, in one `write` per batch, and sled holds
-//! its 12-byte [`Location`] beside its key, in a chunk of keys (`chunks`): ~3.5 KB written per
+//! its 12-byte [`Location`] beside its key, in a chunk of keys (`chunks`): ~3.3 KB written per
 //! trace.
 //!
 //! A record is `len (u32, big-endian) ‖ trace key (16 bytes) ‖ payload`; the payload is the
