@@ -229,7 +229,7 @@ async fn call(
             body,
         ))
         .await
-        .map_err(|e| format!("{scenario:?}: request failed: {e}"))?;
+        .map_err(|e| format!("{scenario:?}: request failed: {}", with_causes(&e)))?;
     let status = response.status().as_u16();
     let mut body = response.into_body();
 
@@ -305,6 +305,19 @@ async fn call(
         ),
         Scenario::ClientCancel => unreachable!(),
     }
+}
+
+/// An error and its causes, outermost first: hyper's own message ("client error (SendRequest)")
+/// does not say what happened to the connection.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 async fn worker(worker: usize, url: String, until: Instant, tally: Arc<Tally>) {

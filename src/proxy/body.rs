@@ -396,9 +396,10 @@ impl MeteredBody {
         self.log_break(class, &message);
         self.draft.mark_upstream_end();
         self.draft.fail(class, message.clone());
-        if let Some(close) = &self.draft.close_connection {
-            close.request();
-        }
+        // An SSE answer ends well-formed, with an error event, so its connection stays usable.
+        // Closing it anyway raced the client: having read a complete response, it could send its
+        // next call on the connection just as the server closed it ("connection closed before
+        // message completed" in the soak test, a call lost without reaching the gateway).
         if self.captured.sse {
             let event = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": code}});
             // After a cut-off event, a blank line first: the error must be an event of its own.
@@ -406,6 +407,10 @@ impl MeteredBody {
             self.state = State::Closing(Bytes::from(format!("{separator}data: {event}\n\n")));
             Poll::Ready(self.next_closing())
         } else {
+            // A body error: hyper cannot end the response well-formed, so the connection goes.
+            if let Some(close) = &self.draft.close_connection {
+                close.request();
+            }
             self.end();
             Poll::Ready(Some(Err(message.into())))
         }
