@@ -126,7 +126,9 @@ impl<const V: usize> Chunks<V> {
         let count = merged.len().div_ceil(MAX_ENTRIES);
         let piece_len = match end {
             None => MAX_ENTRIES,
-            Some(_) => merged.len().div_ceil(count),
+            // `added` is never empty, so neither is `merged`; `max` keeps `chunks` from a panic
+            // all the same.
+            Some(_) => merged.len().div_ceil(count.max(1)).max(1),
         };
         let mut pieces = merged.chunks(piece_len);
         let head = pieces.next().unwrap_or_default();
