@@ -134,10 +134,13 @@ impl SledStore {
                 match value.split_first() {
                     Some((&LOCATED, at)) => match Location::from_bytes(at) {
                         Some(at) => located.add(&[], &key, at.to_bytes()),
-                        None => tracing::warn!(
-                            err = %corrupt_trace(&key, "", format!("a location of {} bytes", at.len())),
-                            "skipping an unreadable trace"
-                        ),
+                        None => {
+                            tracing::warn!(
+                                err = %corrupt_trace(&key, "", format!("a location of {} bytes", at.len())),
+                                "skipping an unreadable trace"
+                            );
+                            continue;
+                        }
                     },
                     // Schema 2: the encoded trace itself, exactly a log record's payload.
                     _ => inline.push((
