@@ -167,6 +167,19 @@ fn store_check(path: Option<&Path>, config_path: Option<&Path>) -> Result<(), St
             path.display()
         ));
     }
+    // Opening upgrades an older store, after which the flowgate that wrote it refuses it: a
+    // check must not do that behind the user's back.
+    let schema = SledStore::stored_schema(&path).map_err(|err| err.to_string())?;
+    if let Some(older) = schema.filter(|&found| found < flowgate::store::SCHEMA_VERSION) {
+        return Err(format!(
+            "the store at {} has schema version {older}, written by an older flowgate; this one \
+             uses {}. `flowgate serve` upgrades it when it starts (older versions refuse it \
+             afterwards); `store check` leaves it as it is: check it with the flowgate that wrote \
+             it, or start this one",
+            path.display(),
+            flowgate::store::SCHEMA_VERSION
+        ));
+    }
     let cache = flowgate::config::StorageConfig::default().cache_capacity_bytes;
     let store = SledStore::open(&path, cache).map_err(|err| err.to_string())?;
     let mut traces = 0u64;

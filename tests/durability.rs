@@ -399,6 +399,48 @@ async fn a_trace_record_lost_in_a_power_cut_is_named_and_the_rest_are_served() {
 }
 
 /// Every byte under `dir`, file by file.
+#[test]
+fn store_check_does_not_upgrade_an_older_store() {
+    // What an older flowgate left: its schema version, and a trace entry in its old layout.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("flowgate.sled");
+    let schema = |db: &sled::Db| db.open_tree("meta").unwrap().get("schema_version").unwrap();
+    {
+        let db = sled::Config::new().path(&store).open().unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema_version", &3u32.to_be_bytes())
+            .unwrap();
+        db.open_tree("traces")
+            .unwrap()
+            .insert([1u8; 16], &[2u8; 13])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let check = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["store", "check", "--path", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("schema version 3") && stderr.contains("leaves it as it is"),
+        "{stderr}"
+    );
+    let db = sled::Config::new().path(&store).open().unwrap();
+    assert_eq!(
+        schema(&db).unwrap().as_ref(),
+        3u32.to_be_bytes(),
+        "still schema 3"
+    );
+    assert!(
+        db.tree_names()
+            .iter()
+            .any(|name| name == b"traces".as_slice()),
+        "the old layout is untouched"
+    );
+}
+
 fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap().flatten() {

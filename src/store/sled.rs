@@ -104,6 +104,21 @@ impl SledStore {
         Ok(store)
     }
 
+    /// The schema version of the store at `path`, read without upgrading it (`None`: no version
+    /// stored, a new or foreign database). For tools that must not change what they inspect.
+    pub fn stored_schema(path: &Path) -> Result<Option<u32>, StoreError> {
+        let db = open_db(path, 1024 * 1024)?;
+        let Some(stored) = db.open_tree("meta")?.get(SCHEMA_KEY)? else {
+            return Ok(None);
+        };
+        <[u8; 4]>::try_from(stored.as_ref())
+            .map(|bytes| Some(u32::from_be_bytes(bytes)))
+            .map_err(|_| StoreError::Corrupt {
+                what: "schema version".into(),
+                reason: format!("{} bytes, not 4", stored.len()),
+            })
+    }
+
     /// Moves the traces of schemas 1 to 3 (a `traces` tree entry per trace: a location in the
     /// log, or in schemas 1 and 2 the trace itself, which goes to the log now) into
     /// `trace_chunks`, then drops the old tree. Moving twice (a crash before the drop) only
