@@ -108,15 +108,7 @@ impl SledStore {
     /// stored, a new or foreign database). For tools that must not change what they inspect.
     pub fn stored_schema(path: &Path) -> Result<Option<u32>, StoreError> {
         let db = open_db(path, 1024 * 1024)?;
-        let Some(stored) = db.open_tree("meta")?.get(SCHEMA_KEY)? else {
-            return Ok(None);
-        };
-        <[u8; 4]>::try_from(stored.as_ref())
-            .map(|bytes| Some(u32::from_be_bytes(bytes)))
-            .map_err(|_| StoreError::Corrupt {
-                what: "schema version".into(),
-                reason: format!("{} bytes, not 4", stored.len()),
-            })
+        read_schema(&db.open_tree("meta")?)
     }
 
     /// Moves the traces of schemas 1 to 3 (a `traces` tree entry per trace: a location in the
@@ -333,16 +325,10 @@ fn try_open_db(path: &Path, cache_capacity_bytes: u64) -> Result<Db, StoreError>
 /// Moving to the current version is [`SledStore::open`]'s, once the old traces are moved.
 fn check_schema(db: &Db, path: &Path) -> Result<u32, StoreError> {
     let meta = db.open_tree("meta")?;
-    let Some(stored) = meta.get(SCHEMA_KEY)? else {
+    let Some(found) = read_schema(&meta)? else {
         meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
         return Ok(SCHEMA_VERSION);
     };
-    let found = <[u8; 4]>::try_from(stored.as_ref())
-        .map(u32::from_be_bytes)
-        .map_err(|_| StoreError::Corrupt {
-            what: "schema version".into(),
-            reason: format!("{} bytes, not 4", stored.len()),
-        })?;
     if found > SCHEMA_VERSION {
         return Err(StoreError::NewerSchema {
             path: PathBuf::from(path),
@@ -354,6 +340,19 @@ fn check_schema(db: &Db, path: &Path) -> Result<u32, StoreError> {
         drop_old_indexes(db, &meta)?;
     }
     Ok(found)
+}
+
+/// The schema version in `meta`, if one is stored.
+fn read_schema(meta: &::sled::Tree) -> Result<Option<u32>, StoreError> {
+    let Some(stored) = meta.get(SCHEMA_KEY)? else {
+        return Ok(None);
+    };
+    <[u8; 4]>::try_from(stored.as_ref())
+        .map(|bytes| Some(u32::from_be_bytes(bytes)))
+        .map_err(|_| StoreError::Corrupt {
+            what: "schema version".into(),
+            reason: format!("{} bytes, not 4", stored.len()),
+        })
 }
 
 /// Drops the indexes of an older schema and marks the last session unclean, so the recorder's
