@@ -187,10 +187,6 @@ impl Proxy {
             fallback_run_id,
         );
         draft.in_flight = Some(in_flight);
-        draft.close_connection = parts
-            .extensions
-            .get::<crate::server::CloseConnection>()
-            .cloned();
         match self.pipeline(&parts, body, &mut draft).await {
             Ok(response) => response,
             Err(error) => {

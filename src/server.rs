@@ -216,19 +216,10 @@ async fn serve(
     recorder.shutdown().await;
 }
 
-/// Asks the HTTP/1.1 connection that carried a request to close once the response is done: a
-/// client whose answer broke off must not send its next request over that connection.
-#[derive(Clone)]
-pub struct CloseConnection(Arc<tokio::sync::Notify>);
-
-impl CloseConnection {
-    pub fn request(&self) {
-        self.0.notify_one();
-    }
-}
-
-/// Serves one connection until it ends: after a server stop, or after a call asked for it to
-/// close, it finishes what is in flight and closes (hyper's graceful shutdown).
+/// Serves one connection until it ends; after a server stop it finishes what is in flight and
+/// closes (hyper's graceful shutdown). An answer that breaks off needs nothing here: a broken
+/// SSE answer still ends well-formed, so its connection stays usable, and a body error makes
+/// hyper drop the connection itself.
 async fn drive<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
@@ -238,14 +229,8 @@ async fn drive<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let close = Arc::new(tokio::sync::Notify::new());
-    let signal = CloseConnection(close.clone());
-    let service = service_fn(move |mut request: Request<Incoming>| {
+    let service = service_fn(move |request: Request<Incoming>| {
         let app = app.clone();
-        // HTTP/2 streams break alone; closing the connection would end its other streams.
-        if request.version() == http::Version::HTTP_11 {
-            request.extensions_mut().insert(signal.clone());
-        }
         async move { Ok::<_, Infallible>(app.route(request, peer).await) }
     });
     let connection = builder.serve_connection(io, service);
@@ -258,10 +243,6 @@ async fn drive<I>(
                     tracing::debug!(%err, %peer, "connection ended with an error");
                 }
                 return;
-            }
-            _ = close.notified(), if !closing => {
-                closing = true;
-                connection.as_mut().graceful_shutdown();
             }
             _ = stopped.wait_for(|stop| *stop), if !closing => {
                 closing = true;

@@ -441,6 +441,59 @@ async fn after_a_broken_stream_the_connection_serves_the_next_call() {
 }
 
 #[tokio::test]
+async fn a_plain_answer_that_breaks_off_closes_the_connection() {
+    // A JSON answer cut short cannot end well-formed: the client must see its body fail and the
+    // connection end, never wait on it or read the next answer from it.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 4096];
+            // The head, then the body its content-length announces.
+            loop {
+                let n = socket.read(&mut buffer).await.unwrap_or(0);
+                request.extend_from_slice(&buffer[..n]);
+                let text = String::from_utf8_lossy(&request).to_lowercase();
+                let Some(head_end) = text.find("\r\n\r\n") else {
+                    if n == 0 {
+                        break;
+                    }
+                    continue;
+                };
+                let length = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .and_then(|value| value.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if n == 0 || request.len() >= head_end + 4 + length {
+                    break;
+                }
+            }
+            let _ = socket
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"id\": \"cut",
+                )
+                .await;
+            // Dropped: the answer ends 490 bytes short.
+        }
+    });
+    let gateway = TestGateway::start(&format!("http://{upstream}/v1"), "", "").await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        .to_string();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (received, closed) =
+        raw_keep_alive_call(&mut socket, &addr, &body, Duration::from_millis(1500)).await;
+    assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+    assert!(
+        closed,
+        "the connection of a broken answer must end: {received:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_mid_stream_leaves_a_cancelled_trace_with_what_was_sent() {
     let upstream = Upstream::start(|_| {
         Reply::Sse(vec![

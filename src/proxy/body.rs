@@ -68,8 +68,6 @@ pub struct Draft {
     pub in_flight: Option<InFlight>,
     /// This call's answer may fill the response cache (and release identical calls waiting).
     pub cache_fill: Option<crate::cache::Fill>,
-    /// Closes the client's HTTP/1.1 connection after a broken answer.
-    pub close_connection: Option<crate::server::CloseConnection>,
     /// The output guardrails ran on the path (the recorder must not run them again).
     pub output_checked: bool,
     /// An answer an output guardrail blocked: the client never sees it.
@@ -106,7 +104,6 @@ impl Draft {
             run_id_fallback,
             in_flight: None,
             cache_fill: None,
-            close_connection: None,
             output_checked: false,
             blocked_answer: None,
             done: false,
@@ -127,7 +124,6 @@ impl Draft {
             run_id_fallback: self.run_id_fallback,
             in_flight: None,
             cache_fill: None,
-            close_connection: None,
             output_checked: false,
             blocked_answer: None,
             done: true,
@@ -397,9 +393,9 @@ impl MeteredBody {
         self.draft.mark_upstream_end();
         self.draft.fail(class, message.clone());
         // An SSE answer ends well-formed, with an error event, so its connection stays usable.
-        // Closing it anyway raced the client: having read a complete response, it could send its
-        // next call on the connection just as the server closed it ("connection closed before
-        // message completed" in the soak test, a call lost without reaching the gateway).
+        // (Closing it anyway raced the client: having read a complete response, it could send
+        // its next call on the connection just as the server closed it.) Any other answer ends
+        // in a body error, after which hyper drops the connection itself.
         if self.captured.sse {
             let event = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": code}});
             // After a cut-off event, a blank line first: the error must be an event of its own.
@@ -407,10 +403,6 @@ impl MeteredBody {
             self.state = State::Closing(Bytes::from(format!("{separator}data: {event}\n\n")));
             Poll::Ready(self.next_closing())
         } else {
-            // A body error: hyper cannot end the response well-formed, so the connection goes.
-            if let Some(close) = &self.draft.close_connection {
-                close.request();
-            }
             self.end();
             Poll::Ready(Some(Err(message.into())))
         }
