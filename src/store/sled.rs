@@ -1101,11 +1101,7 @@ mod tests {
             !store.closed_cleanly().unwrap(),
             "the upgrade must ask for recovery"
         );
-        assert!(!store
-            .db
-            .tree_names()
-            .iter()
-            .any(|name| name == b"run_traces"));
+        assert!(!has_tree(&store, "run_traces"));
         let mut recovered = 0;
         store.recover_traces(&mut |_| recovered += 1).unwrap();
         assert_eq!(recovered, traces.len());
@@ -1152,12 +1148,12 @@ mod tests {
         db.flush().unwrap();
     }
 
-    fn has_old_traces_tree(store: &SledStore) -> bool {
+    fn has_tree(store: &SledStore, tree: &str) -> bool {
         store
             .db
             .tree_names()
             .iter()
-            .any(|name| name == OLD_TRACES_TREE.as_bytes())
+            .any(|name| name == tree.as_bytes())
     }
 
     fn check_all_readable(store: &SledStore, traces: &[Trace]) {
@@ -1188,16 +1184,15 @@ mod tests {
             SCHEMA_VERSION.to_be_bytes(),
             "an older flowgate must now refuse the store"
         );
-        assert!(!has_old_traces_tree(&store), "the old tree is dropped");
+        assert!(
+            !has_tree(&store, OLD_TRACES_TREE),
+            "the old tree is dropped"
+        );
         assert!(
             !store.closed_cleanly().unwrap(),
             "the upgrade must ask for recovery, which rebuilds the indexes"
         );
-        assert!(!store
-            .db
-            .tree_names()
-            .iter()
-            .any(|name| OLD_INDEXES.iter().any(|old| name == old.as_bytes())));
+        assert!(!OLD_INDEXES.iter().any(|old| has_tree(&store, old)));
         let mut recovered = 0;
         store.recover_traces(&mut |_| recovered += 1).unwrap();
         assert_eq!(recovered, traces.len());
@@ -1234,7 +1229,7 @@ mod tests {
             store.flush().unwrap();
         }
         let store = open(&dir);
-        assert!(!has_old_traces_tree(&store));
+        assert!(!has_tree(&store, OLD_TRACES_TREE));
         check_all_readable(&store, &traces);
     }
 
