@@ -22,6 +22,10 @@
 //! labelled corpus (`tests/guardrail_corpus/`) joined, ~30 KB of varied text with findings of
 //! every kind: long prompts are where a lazy DFA that outgrows its cache falls back to a far
 //! slower engine. The probe prints the bytes of text per call, for instructions per byte.
+//!
+//! `FLOWGATE_GUARD_PROBE_TEXT=varied` gives every call a request and an answer of its own (~1 KB
+//! each, the words of the paragraphs below in a call-dependent order), as a stream of different
+//! prompts does: whether the lazy DFAs' caches keep growing shows in the RSS after the calls.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -204,6 +208,26 @@ fn corpus_text() -> String {
     out
 }
 
+/// Text of about `bytes` that differs with `seed`: the words of `PARAGRAPHS` (prose, numbers,
+/// dates, ids) in a seed-dependent order, as varied prompts make a lazy DFA build new states.
+fn varied_text(bytes: usize, seed: u64) -> String {
+    let words: Vec<&str> = PARAGRAPHS
+        .iter()
+        .flat_map(|p| p.split_whitespace())
+        .collect();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = format!("request {seed}:");
+    while out.len() < bytes {
+        // xorshift64: cheap, and the same sequence for the same seed.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.push(' ');
+        out.push_str(words[(state % words.len() as u64) as usize]);
+    }
+    out
+}
+
 /// The request and answer texts of one probe call: 1 KB each, or the corpus for `long`.
 fn probe_texts(long: bool) -> (String, String) {
     if long {
@@ -215,7 +239,7 @@ fn probe_texts(long: bool) -> (String, String) {
 }
 
 /// See the module comment: RSS and compile time of the shipped set, then `calls` recorder calls.
-fn probe(calls: usize, long: bool) {
+fn probe(calls: usize, long: bool, varied: bool) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/flowgate.toml");
     let shipped = std::fs::read_to_string(path).expect("config/flowgate.toml reads");
     let config = Config::from_toml(&shipped, Source::BuiltIn).expect("shipped config parses");
@@ -225,10 +249,14 @@ fn probe(calls: usize, long: bool) {
     let compile = started.elapsed();
     let after = rss_kb();
     let (request_text, answer_text) = probe_texts(long);
-    let request = chat_body(&request_text);
-    let answer = chat_answer(&answer_text);
+    let mut request = chat_body(&request_text);
+    let mut answer = chat_answer(&answer_text);
     let mut verdicts = 0;
-    for _ in 0..calls {
+    for call in 0..calls {
+        if varied {
+            request = chat_body(&varied_text(1024, 2 * call as u64));
+            answer = chat_answer(&varied_text(1024, 2 * call as u64 + 1));
+        }
         let input = rails.check_request_of(Which::Logging, Endpoint::ChatCompletions, &request);
         let expect = rails.expectation(black_box(&request));
         let output = rails.check_response(Endpoint::ChatCompletions, &expect, black_box(&answer));
@@ -256,8 +284,8 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
     {
-        let long = std::env::var("FLOWGATE_GUARD_PROBE_TEXT").is_ok_and(|text| text == "long");
-        probe(calls, long);
+        let text = std::env::var("FLOWGATE_GUARD_PROBE_TEXT").unwrap_or_default();
+        probe(calls, text == "long", text == "varied");
         return;
     }
     benches();
