@@ -230,10 +230,7 @@ async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
     assert!(completed.len() > 50, "some load ran: {}", completed.len());
 
     let store = dir.path().join("flowgate.sled");
-    let check = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(["store", "check", "--path", store.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let check = store_check(&store);
     let report = String::from_utf8_lossy(&check.stdout);
     assert!(
         check.status.success(),
@@ -246,10 +243,7 @@ async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
     );
 
     // Pointed at the directory above the store, it says so and creates nothing there.
-    let above = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(["store", "check", "--path", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let above = store_check(dir.path());
     let stderr = String::from_utf8_lossy(&above.stderr);
     assert_eq!(above.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no flowgate store at"), "{stderr}");
@@ -261,10 +255,7 @@ async fn after_kill_9_under_load_flushed_traces_survive_and_runs_agree() {
     let mut restarted = start(dir.path(), "http://127.0.0.1:9/v1").await;
     // While a gateway holds the store, a second one fails with a message naming the path and
     // what to do, not a panic.
-    let second = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(["store", "check", "--path", store.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let second = store_check(&store);
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert!(
@@ -353,10 +344,7 @@ async fn a_trace_record_lost_in_a_power_cut_is_named_and_the_rest_are_served() {
         .unwrap();
     log.set_len(log.metadata().unwrap().len() - 5).unwrap();
 
-    let check = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(["store", "check", "--path", store.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let check = store_check(&store);
     let (report, warnings) = (
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr),
@@ -417,10 +405,7 @@ fn store_check_does_not_upgrade_an_older_store() {
             .unwrap();
         db.flush().unwrap();
     }
-    let check = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(["store", "check", "--path", store.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let check = store_check(&store);
     let stderr = String::from_utf8_lossy(&check.stderr);
     assert_eq!(check.status.code(), Some(1), "{stderr}");
     assert!(
@@ -556,4 +541,13 @@ async fn json_logs_carry_the_trace_id_of_a_failed_call() {
         serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     assert_eq!(entry["fields"]["trace_id"], trace_id.as_str(), "{entry}");
     assert_eq!(entry["fields"]["code"], "upstream_unreachable", "{entry}");
+}
+
+/// `flowgate store check --path <path>`, run to completion.
+fn store_check(path: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["store", "check", "--path"])
+        .arg(path)
+        .output()
+        .unwrap()
 }

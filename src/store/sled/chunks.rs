@@ -30,7 +30,7 @@ use std::ops::Bound;
 
 use ::sled::{IVec, Tree};
 
-use super::{TraceKey, TRACE_KEY_LEN};
+use super::{join, TraceKey, TRACE_KEY_LEN};
 use crate::store::StoreError;
 
 /// Keys per chunk: 1.8 KB of locations, 1 KB of index. Every write of a batch rewrites the chunks
@@ -281,13 +281,6 @@ fn encode<const V: usize>(entries: &[Entry<V>]) -> Vec<u8> {
         value.extend_from_slice(filed);
     }
     value
-}
-
-fn join(prefix: &[u8], trace: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(prefix.len() + trace.len());
-    key.extend_from_slice(prefix);
-    key.extend_from_slice(trace);
-    key
 }
 
 #[cfg(test)]
