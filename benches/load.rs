@@ -2,7 +2,8 @@
 //!
 //! A mock OpenAI upstream runs in this process on its own runtime; flowgate (the release binary)
 //! runs as a child process pointed at it. Every scenario sends the same load straight to the mock
-//! and through flowgate (and LiteLLM with `--litellm`), one target after the other, and reports
+//! and through flowgate (and LiteLLM with `--litellm`, Portkey with `--portkey`), one target after
+//! the other, and reports
 //! what the gateway adds: latency percentiles, time to first chunk, throughput, CPU per request,
 //! memory. It fails (non-zero exit) when flowgate errs on more than 0.1% of requests or stores
 //! fewer traces than it was sent.
@@ -24,6 +25,8 @@ mod gateway;
 mod litellm;
 #[path = "load/mock.rs"]
 mod mock;
+#[path = "load/portkey.rs"]
+mod portkey;
 #[path = "load/procfs.rs"]
 mod procfs;
 #[path = "load/prom.rs"]
@@ -49,6 +52,7 @@ use floor::FloorProxy;
 use gateway::Flowgate;
 use litellm::Litellm;
 use mock::Mock;
+use portkey::Portkey;
 use report::{
     ExperimentTraces, GatewayMetrics, Report, ScenarioReport, TraceCheck, DIRECT, FLOOR, FLOWGATE,
 };
@@ -112,6 +116,9 @@ fn run(settings: &Settings) -> Result<Report, String> {
     if settings.litellm {
         litellm::ensure_installed()?;
     }
+    if settings.portkey {
+        portkey::ensure_installed()?;
+    }
     let mock = Mock::start(&settings.mock())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.client_threads)
@@ -148,6 +155,10 @@ async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
         true => Some(Litellm::start(&admin, mock.port).await?),
         false => None,
     };
+    let portkey = match settings.portkey {
+        true => Some(Portkey::start(&admin, mock.port).await?),
+        false => None,
+    };
     let bench = Bench {
         settings,
         expect: Expect {
@@ -155,7 +166,13 @@ async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
             chunks: settings.chunks,
         },
         admin: admin.clone(),
-        subjects: subjects(mock, &flowgate, floor.as_ref(), litellm.as_ref()),
+        subjects: subjects(
+            mock,
+            &flowgate,
+            floor.as_ref(),
+            litellm.as_ref(),
+            portkey.as_ref(),
+        ),
         clock_ticks: procfs::clock_ticks(),
     };
     let mut scenarios = Vec::new();
@@ -188,9 +205,10 @@ fn subjects<'a>(
     flowgate: &'a Flowgate,
     floor: Option<&FloorProxy>,
     litellm: Option<&Litellm>,
+    portkey: Option<&Portkey>,
 ) -> Vec<Subject<'a>> {
-    // `exact`: the answer must arrive byte for byte as the mock sent it. LiteLLM re-serialises
-    // answers, so only their well-formedness is checked.
+    // `exact`: the answer must arrive byte for byte as the mock sent it. The peer gateways
+    // re-serialise answers, so only their well-formedness is checked.
     let subject = |name, base: &str, exact, pid| Subject {
         target: Target {
             name,
@@ -198,6 +216,7 @@ fn subjects<'a>(
                 .parse()
                 .expect("a valid URL"),
             exact,
+            headers: Vec::new(),
         },
         pid,
         flowgate: None,
@@ -218,6 +237,11 @@ fn subjects<'a>(
             false,
             Some(litellm.pid()),
         ));
+    }
+    if let Some(portkey) = portkey {
+        let mut peer = subject("portkey", &portkey.base, false, Some(portkey.pid()));
+        peer.target.headers = portkey.headers.clone();
+        subjects.push(peer);
     }
     subjects
 }

@@ -9,6 +9,7 @@
 #   scripts/bench.sh --quick                 # ~1 s phases at 200 RPS: a smoke run (CI)
 #   scripts/bench.sh --rates 500,1000 --duration-secs 5 --only nonstream,closed
 #   scripts/bench.sh --litellm               # also LiteLLM's proxy (installs .peer-venv first)
+#   scripts/bench.sh --portkey               # also Portkey's gateway (installs .peer-node with npm first)
 #   scripts/bench.sh --help                  # every flag
 set -euo pipefail
 

@@ -9,7 +9,8 @@ use serde::Serialize;
 use crate::mock::MockConfig;
 
 /// Load harness: the same load sent straight to a mock OpenAI upstream and through flowgate
-/// (and, with --litellm, through LiteLLM), phase after phase, reporting what the gateway adds.
+/// (and, with --litellm and --portkey, through LiteLLM and Portkey), phase after phase, reporting
+/// what the gateway adds.
 #[derive(Parser, Debug)]
 #[command(name = "load")]
 pub struct Flags {
@@ -35,6 +36,9 @@ pub struct Flags {
     /// Also measure LiteLLM's proxy (installed into .peer-venv on first use: minutes).
     #[arg(long)]
     litellm: bool,
+    /// Also measure Portkey's gateway (installed with npm into .peer-node on first use).
+    #[arg(long)]
+    portkey: bool,
     /// Leave out the floor: a bare hyper proxy that only forwards (what any proxy of flowgate's
     /// design costs on this machine), measured by default beside flowgate.
     #[arg(long)]
@@ -95,6 +99,7 @@ pub struct Settings {
     pub concurrency: usize,
     pub parts: Vec<Part>,
     pub litellm: bool,
+    pub portkey: bool,
     pub floor: bool,
     pub request_bytes: usize,
     pub answer_bytes: usize,
@@ -143,6 +148,7 @@ impl Flags {
             concurrency: self.concurrency.unwrap_or(16),
             parts,
             litellm: self.litellm,
+            portkey: self.portkey,
             floor: !self.no_floor,
             request_bytes: self.request_bytes,
             answer_bytes: self.answer_bytes,

@@ -59,6 +59,8 @@ pub struct Target {
     /// The answer must reach the client exactly as the mock sent it (same body length, same number
     /// of chunks): true for the mock and for flowgate, which passes bytes through.
     pub exact: bool,
+    /// Headers of its own on every request (a peer gateway's routing).
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 /// What a correct answer looks like.
@@ -174,6 +176,9 @@ impl Caller {
             .body(Full::new(self.bodies.body(index)))
             .expect("a valid request");
         *request.version_mut() = http::Version::HTTP_11;
+        request
+            .headers_mut()
+            .extend(self.target.headers.iter().cloned());
         request
     }
 
