@@ -101,8 +101,12 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Largest request head (request line and headers); larger ones get 431.
     pub max_header_bytes: usize,
-    /// Time a client gets to send its request head; slower ones (slowloris) are disconnected.
+    /// Time a client gets to send a request head once it started it (or, on a new connection,
+    /// its first byte); slower ones (slowloris) are disconnected.
     pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no call in flight is closed after this long: longer than
+    /// load balancers and client pools keep idle connections (AWS ALB 60 s, Go 90 s).
+    pub idle_timeout_ms: u64,
     /// PEM certificate chain and private key: with both, the listener speaks TLS (h2, http/1.1).
     #[serde(deserialize_with = "expanded_opt_path")]
     pub tls_cert: Option<PathBuf>,
@@ -125,6 +129,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 30_000,
             max_header_bytes: 64 * 1024,
             header_read_timeout_ms: 30_000,
+            idle_timeout_ms: 300_000,
             tls_cert: None,
             tls_key: None,
             max_connections: 10_000,

@@ -28,7 +28,9 @@ use crate::store::{SledStore, Store};
 use crate::telemetry::{Exposition, Metrics, RejectLabels};
 
 mod wakeups;
+mod watchdog;
 use wakeups::AbsorbSelfWakes;
+use watchdog::{Activity, Tracked, Verdict, Watched};
 
 /// Admin request bodies are small JSON documents.
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
@@ -123,6 +125,7 @@ impl Gateway {
             max_connections: config.server.max_connections,
             max_header_bytes: config.server.max_header_bytes,
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
+            idle_timeout: Duration::from_millis(config.server.idle_timeout_ms.max(1)),
         };
         let accept_loop = tokio::spawn(serve(listener, app, stopped, limits, control));
         Ok(Gateway {
@@ -178,9 +181,12 @@ async fn serve(
                     continue;
                 }
                 let (app, builder, stopped) = (app.clone(), builder.clone(), stopped.clone());
+                let timeouts = (limits.header_read_timeout, limits.idle_timeout);
                 match limits.tls.clone() {
                     None => {
-                        let connection = drive(builder, TokioIo::new(stream), app, peer, stopped);
+                        let activity = Activity::new(timeouts.0, timeouts.1);
+                        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                        let connection = drive(builder, io, app, peer, stopped, activity);
                         connections.spawn(AbsorbSelfWakes::new(connection));
                     }
                     Some(acceptor) => {
@@ -192,7 +198,9 @@ async fn serve(
                                 Ok(Err(err)) => return tracing::debug!(%err, %peer, "TLS handshake failed"),
                                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                             };
-                            drive(builder, TokioIo::new(stream), app, peer, stopped).await;
+                            let activity = Activity::new(timeouts.0, timeouts.1);
+                            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                            drive(builder, io, app, peer, stopped, activity).await;
                         }));
                     }
                 }
@@ -216,25 +224,33 @@ async fn serve(
     recorder.shutdown().await;
 }
 
-/// Serves one connection until it ends; after a server stop it finishes what is in flight and
-/// closes (hyper's graceful shutdown). An answer that breaks off needs nothing here: a broken
-/// SSE answer still ends well-formed, so its connection stays usable, and a body error makes
-/// hyper drop the connection itself.
+/// Serves one connection until it ends; after a server stop, or idle past
+/// `server.idle_timeout_ms`, it finishes what is in flight and closes (hyper's graceful
+/// shutdown); a head slower than `server.header_read_timeout_ms` drops it (see `watchdog`). An
+/// answer that breaks off needs nothing here: a broken SSE answer still ends well-formed, so its
+/// connection stays usable, and a body error makes hyper drop the connection itself.
 async fn drive<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
     app: Arc<App>,
     peer: SocketAddr,
     mut stopped: watch::Receiver<bool>,
+    activity: Arc<Activity>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let watchdog = tokio::time::sleep_until(activity.first_check());
+    let calls = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.route(request, peer).await) }
+        let call = calls.call();
+        async move {
+            let response = app.route(request, peer).await;
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, call).boxed()))
+        }
     });
     let connection = builder.serve_connection(io, service);
-    tokio::pin!(connection);
+    tokio::pin!(connection, watchdog);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -248,6 +264,17 @@ async fn drive<I>(
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
+            _ = watchdog.as_mut(), if !closing => match activity.verdict(tokio::time::Instant::now()) {
+                Verdict::CheckAt(at) => watchdog.as_mut().reset(at),
+                Verdict::Idle => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                Verdict::TooSlow => {
+                    tracing::debug!(%peer, "request head too slow; connection dropped");
+                    return;
+                }
+            },
         }
     }
 }
@@ -259,7 +286,9 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Timed by the connection's watchdog instead: hyper's timer also closed idle
+        // keep-alive connections.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
     builder
         .http2()
@@ -276,6 +305,7 @@ struct Limits {
     max_connections: usize,
     max_header_bytes: usize,
     header_read_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 /// A rustls acceptor for the listener: the certificate chain and key from PEM files, ALPN offering

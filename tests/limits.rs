@@ -40,27 +40,33 @@ async fn an_oversized_request_head_gets_431() {
 }
 
 #[tokio::test]
-async fn a_client_that_never_finishes_its_head_is_disconnected() {
+async fn a_client_that_never_finishes_its_head_or_never_starts_it_is_disconnected() {
     let gateway =
         TestGateway::start("http://127.0.0.1:9/v1", "header_read_timeout_ms = 300", "").await;
-    let mut stream = TcpStream::connect(gateway.url.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: ")
-        .await
-        .unwrap();
-    let started = std::time::Instant::now();
-    let answer = read_until_closed(&mut stream, Duration::from_secs(10)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "closed after {:?}",
-        started.elapsed()
-    );
-    assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
-        "{answer}"
-    );
+    let cases: [(&str, &[u8]); 2] = [
+        (
+            "a head cut short",
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: ",
+        ),
+        ("not a byte", b""),
+    ];
+    for (case, sent) in cases {
+        let mut stream = TcpStream::connect(gateway.url.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        stream.write_all(sent).await.unwrap();
+        let started = std::time::Instant::now();
+        let answer = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{case}: closed after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{case}: {answer}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -150,4 +156,106 @@ async fn calls_over_the_in_flight_limit_get_503_and_are_counted() {
     })
     .await;
     assert_eq!(freed, 200);
+}
+
+/// Sends `GET /healthz` on `stream` and reads its whole answer ("ok\n" and its head).
+async fn health_check_on(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !answer.ends_with(b"ok\n") {
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(
+            read > 0,
+            "closed mid-answer: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A keep-alive connection to `gateway` that has served one call.
+async fn connection_after_one_call(gateway: &TestGateway) -> TcpStream {
+    let mut stream = TcpStream::connect(gateway.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let answer = health_check_on(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stream
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_outlives_the_head_timeout() {
+    // A load balancer or a client pool keeps idle connections for a minute or more and sends its
+    // next call on one whenever it likes: the head timeout must not close them under it.
+    let gateway =
+        TestGateway::start("http://127.0.0.1:9/v1", "header_read_timeout_ms = 300", "").await;
+    let mut stream = connection_after_one_call(&gateway).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let again = health_check_on(&mut stream).await;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let gateway = TestGateway::start(
+        "http://127.0.0.1:9/v1",
+        "idle_timeout_ms = 400\nheader_read_timeout_ms = 5000",
+        "",
+    )
+    .await;
+    let mut stream = connection_after_one_call(&gateway).await;
+    let idle_from = std::time::Instant::now();
+    let rest = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    let idle = idle_from.elapsed();
+    assert_eq!(rest, "", "nothing more is sent");
+    assert!(
+        idle >= Duration::from_millis(350) && idle < Duration::from_secs(3),
+        "closed after {idle:?} idle"
+    );
+}
+
+#[tokio::test]
+async fn calls_quieter_than_the_idle_timeout_are_not_cut() {
+    // Nothing crosses the client's connection while the upstream thinks (before the answer,
+    // or between two chunks): the call is in flight, not idle.
+    let upstream = Upstream::start(|seen: &Seen| {
+        let pause = Duration::from_millis(900);
+        if seen.json()["stream"] == true {
+            let events = streamed_answer(&["after", "a", "pause"], false);
+            let mut delays = vec![Duration::ZERO, pause];
+            delays.resize(events.len(), Duration::ZERO);
+            Reply::Sse(delays.into_iter().zip(events).collect())
+        } else {
+            Reply::Late(
+                pause,
+                Box::new(Reply::Json(200, chat_completion("late", 3, 1))),
+            )
+        }
+    })
+    .await;
+    let gateway = TestGateway::start(
+        &upstream.base_url(),
+        "idle_timeout_ms = 300\nheader_read_timeout_ms = 300",
+        "",
+    )
+    .await;
+    for stream in [false, true] {
+        let reply = gateway
+            .chat(
+                &[],
+                json!({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "stream {stream}: {}", reply.text());
+        let expected = if stream { "[DONE]" } else { "late" };
+        assert!(reply.text().contains(expected), "{}", reply.text());
+    }
 }

@@ -63,6 +63,8 @@ pub enum Reply {
     SseControlled(tokio::sync::mpsc::UnboundedReceiver<String>),
     /// Never answers.
     Hang,
+    /// The reply, after a pause.
+    Late(Duration, Box<Reply>),
 }
 
 pub type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
@@ -167,7 +169,13 @@ async fn answer(
         version: parts.version,
     };
     seen.lock().unwrap().push(request.clone());
-    let reply = handler(&request);
+    let reply = match handler(&request) {
+        Reply::Late(pause, reply) => {
+            tokio::time::sleep(pause).await;
+            *reply
+        }
+        reply => reply,
+    };
     Ok(match reply {
         Reply::Json(status, value) => {
             full(status, "application/json", value.to_string().into_bytes())
@@ -224,6 +232,7 @@ async fn answer(
             tokio::time::sleep(Duration::from_secs(3600)).await;
             full(500, "text/plain", b"too late".to_vec())
         }
+        Reply::Late(..) => full(500, "text/plain", b"one pause per reply".to_vec()),
     })
 }
 
