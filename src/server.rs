@@ -124,8 +124,10 @@ impl Gateway {
             grace: Duration::from_millis(config.server.shutdown_grace_ms),
             max_connections: config.server.max_connections,
             max_header_bytes: config.server.max_header_bytes,
-            header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
-            idle_timeout: Duration::from_millis(config.server.idle_timeout_ms.max(1)),
+            timeouts: Timeouts {
+                head: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
+                idle: Duration::from_millis(config.server.idle_timeout_ms.max(1)),
+            },
         };
         let accept_loop = tokio::spawn(serve(listener, app, stopped, limits, control));
         Ok(Gateway {
@@ -181,25 +183,23 @@ async fn serve(
                     continue;
                 }
                 let (app, builder, stopped) = (app.clone(), builder.clone(), stopped.clone());
-                let timeouts = (limits.header_read_timeout, limits.idle_timeout);
+                let timeouts = limits.timeouts;
                 match limits.tls.clone() {
                     None => {
-                        let activity = Activity::new(timeouts.0, timeouts.1);
-                        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                        let (io, activity) = timeouts.watch(stream);
                         let connection = drive(builder, io, app, peer, stopped, activity);
                         connections.spawn(AbsorbSelfWakes::new(connection));
                     }
                     Some(acceptor) => {
                         // The handshake runs in the connection's task, bounded like a request head.
-                        let handshake_limit = limits.header_read_timeout;
+                        let handshake_limit = limits.timeouts.head;
                         connections.spawn(AbsorbSelfWakes::new(async move {
                             let stream = match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
                                 Ok(Ok(stream)) => stream,
                                 Ok(Err(err)) => return tracing::debug!(%err, %peer, "TLS handshake failed"),
                                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                             };
-                            let activity = Activity::new(timeouts.0, timeouts.1);
-                            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                            let (io, activity) = timeouts.watch(stream);
                             drive(builder, io, app, peer, stopped, activity).await;
                         }));
                     }
@@ -304,8 +304,25 @@ struct Limits {
     grace: Duration,
     max_connections: usize,
     max_header_bytes: usize,
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
+    timeouts: Timeouts,
+}
+
+/// How long a connection may take over a request head, and stay idle between calls.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    head: Duration,
+    idle: Duration,
+}
+
+impl Timeouts {
+    /// `stream` for hyper, its reads and calls watched by the returned activity.
+    fn watch<S>(self, stream: S) -> (TokioIo<Watched<S>>, Arc<Activity>) {
+        let activity = Activity::new(self.head, self.idle);
+        (
+            TokioIo::new(Watched::new(stream, activity.clone())),
+            activity,
+        )
+    }
 }
 
 /// A rustls acceptor for the listener: the certificate chain and key from PEM files, ALPN offering
