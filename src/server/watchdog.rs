@@ -24,7 +24,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// No head under way.
+/// Not yet: no head under way, or no call ended.
 const NONE: u64 = u64::MAX;
 
 /// What the watchdog decides when its timer fires.
@@ -45,16 +45,13 @@ pub struct Activity {
     idle_timeout: Duration,
     /// Calls in flight: from the request head until the response body is dropped.
     calls: AtomicUsize,
-    /// Whether a call has ended (before, the connection is new: its first head is due).
-    served: AtomicBool,
-    /// ms after `opened` when the last call ended.
+    /// ms after `opened` when the last call ended (`NONE`: the connection is new, its first
+    /// head is due).
     quiet_since: AtomicU64,
     /// ms after `opened` when the first byte after the quiet came (`NONE`: none yet).
     head_from: AtomicU64,
     /// HTTP/2: bytes between calls are pings and settings, not a head.
     multiplexed: AtomicBool,
-    /// Whether a byte has been read yet.
-    read_any: AtomicBool,
 }
 
 impl Activity {
@@ -64,11 +61,9 @@ impl Activity {
             head_timeout,
             idle_timeout,
             calls: AtomicUsize::new(0),
-            served: AtomicBool::new(false),
-            quiet_since: AtomicU64::new(0),
+            quiet_since: AtomicU64::new(NONE),
             head_from: AtomicU64::new(NONE),
             multiplexed: AtomicBool::new(false),
-            read_any: AtomicBool::new(false),
         })
     }
 
@@ -91,18 +86,22 @@ impl Activity {
         self.opened + Duration::from_millis(ms)
     }
 
-    /// Bytes arrived.
+    /// Bytes arrived. Only the first bytes after a quiet start a head: everything else (a call's
+    /// body, the rest of a head, HTTP/2 frames) leaves the state as it is.
     fn on_read(&self, bytes: &[u8]) {
-        if !self.read_any.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI ") {
-            self.multiplexed.store(true, Ordering::Relaxed);
-        }
-        if self.calls.load(Ordering::Acquire) == 0
-            && self.head_from.load(Ordering::Relaxed) == NONE
-            && !self.multiplexed.load(Ordering::Relaxed)
+        if self.calls.load(Ordering::Acquire) > 0
+            || self.head_from.load(Ordering::Relaxed) != NONE
+            || self.multiplexed.load(Ordering::Relaxed)
         {
-            self.head_from
-                .store(self.ms(Instant::now()), Ordering::Relaxed);
+            return;
         }
+        // A new connection's first bytes tell HTTP/2 (its preface) from HTTP/1.
+        if self.quiet_since.load(Ordering::Acquire) == NONE && bytes.starts_with(b"PRI ") {
+            self.multiplexed.store(true, Ordering::Relaxed);
+            return;
+        }
+        self.head_from
+            .store(self.ms(Instant::now()), Ordering::Relaxed);
     }
 
     /// A request head arrived: the call is in flight until the guard is dropped.
@@ -119,14 +118,13 @@ impl Activity {
             return Verdict::CheckAt(recheck);
         }
         let head = self.head_from.load(Ordering::Relaxed);
-        let served = self.served.load(Ordering::Acquire);
+        let quiet = self.quiet_since.load(Ordering::Acquire);
         let (due, expired) = if head != NONE {
             (self.at(head) + self.head_timeout, Verdict::TooSlow)
-        } else if !served {
+        } else if quiet == NONE {
             (self.opened + self.head_timeout, Verdict::TooSlow)
         } else {
-            let quiet = self.at(self.quiet_since.load(Ordering::Relaxed));
-            (quiet + self.idle_timeout, Verdict::Idle)
+            (self.at(quiet) + self.idle_timeout, Verdict::Idle)
         };
         if now >= due {
             return expired;
@@ -144,8 +142,7 @@ impl Drop for CallGuard {
         let activity = &self.0;
         activity
             .quiet_since
-            .store(activity.ms(Instant::now()), Ordering::Relaxed);
-        activity.served.store(true, Ordering::Release);
+            .store(activity.ms(Instant::now()), Ordering::Release);
         activity.calls.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -293,7 +290,9 @@ mod tests {
             Verdict::CheckAt(much_later + HEAD)
         );
         drop(call);
-        assert!(activity.served.load(Ordering::Relaxed));
+        // Once it ended, the connection is idle from then on, its body bytes no head.
+        let quiet = activity.at(activity.quiet_since.load(Ordering::Relaxed));
+        assert_eq!(activity.verdict(quiet + IDLE), Verdict::Idle);
     }
 
     #[test]
