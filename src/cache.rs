@@ -217,7 +217,14 @@ impl ResponseCache {
         match waiting {
             Ok(sender) => {
                 // The previous leader may have stored its answer between our read and our claim.
-                if let Some(entry) = self.entries.get(&key).await {
+                // Checked without a read first: `get` records a read for moka's eviction policy
+                // (~3k instructions), and this is every miss's path.
+                let stored = if self.entries.contains_key(&key) {
+                    self.entries.get(&key).await
+                } else {
+                    None
+                };
+                if let Some(entry) = stored {
                     let fill = self.fill(key, Some(sender));
                     fill.release(Some(entry.clone()));
                     return Lookup::Hit(entry);
