@@ -245,10 +245,56 @@ pub fn spawn(
     ))
 }
 
-/// The recorder drains the trace queue at least this often (and flushes every
+/// While traces come, the recorder drains the queue at least this often (and flushes every
 /// `flush_interval`): it is never woken by a single trace, and its work comes in slices short
 /// enough (~10 traces at 1000 calls a second) not to hold up the calls that share its core.
 const MAX_DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// While no trace comes and nothing waits to be stored, the drain interval doubles up to this,
+/// so an idle gateway's recorder wakes 10 times a second rather than 100. The first traces of
+/// a burst then wait at most this long (~100 of them at 1000 calls a second).
+const MAX_IDLE_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The recorder's timer: every `busy` period while traces come or wait to be stored, and less
+/// and less often (to [`MAX_IDLE_DRAIN_INTERVAL`]) while none do.
+struct Pace {
+    busy: Duration,
+    period: Duration,
+    tick: tokio::time::Interval,
+}
+
+impl Pace {
+    fn new(busy: Duration) -> Pace {
+        Pace {
+            busy,
+            period: busy,
+            tick: Pace::every(busy),
+        }
+    }
+
+    fn every(period: Duration) -> tokio::time::Interval {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    }
+
+    async fn tick(&mut self) {
+        self.tick.tick().await;
+    }
+
+    /// The busy period again after work; a longer one after a tick that found nothing to do.
+    fn adjust(&mut self, quiet: bool) {
+        let next = if quiet {
+            (self.period * 2).min(MAX_IDLE_DRAIN_INTERVAL.max(self.busy))
+        } else {
+            self.busy
+        };
+        if next != self.period {
+            self.period = next;
+            self.tick = Pace::every(next);
+        }
+    }
+}
 
 /// The longest the recorder works before it offers its core to whatever waits for it. A tokio
 /// worker the kernel woke onto the recorder's core waits otherwise for the rest of the
@@ -292,11 +338,11 @@ impl Recorder {
         mut traces: mpsc::Receiver<Box<TraceEvent>>,
         mut commands: mpsc::Receiver<Command>,
     ) {
-        let drain_every = self.settings.flush_interval.min(MAX_DRAIN_INTERVAL);
-        let mut tick = tokio::time::interval(drain_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pace = Pace::new(self.settings.flush_interval.min(MAX_DRAIN_INTERVAL));
         let mut last_flush = tokio::time::Instant::now();
         let mut last_write = last_flush;
+        // Something was recorded or changed since the store's last flush.
+        let mut unflushed = false;
         loop {
             tokio::select! {
                 command = commands.recv() => {
@@ -315,9 +361,12 @@ impl Recorder {
                             return;
                         }
                     }
+                    unflushed = true;
+                    pace.adjust(false);
                 },
-                _ = tick.tick() => {
-                    self.drain(&mut traces);
+                _ = pace.tick() => {
+                    let drained = self.drain(&mut traces);
+                    unflushed |= drained > 0;
                     // Written in small batches: one write per flush interval was a burst of
                     // several ms of sled work that delayed the calls sharing its core.
                     if last_write.elapsed() >= MAX_WRITE_INTERVAL {
@@ -325,21 +374,28 @@ impl Recorder {
                         last_write = tokio::time::Instant::now();
                     }
                     if last_flush.elapsed() >= self.settings.flush_interval {
-                        self.flush();
-                        // Durable, not just written: a crash loses at most one interval.
-                        if let Err(err) = self.store.flush() {
-                            tracing::error!(%err, "could not flush the store");
+                        if unflushed {
+                            self.flush();
+                            // Durable, not just written: a crash loses at most one interval.
+                            if let Err(err) = self.store.flush() {
+                                tracing::error!(%err, "could not flush the store");
+                            }
+                            unflushed = false;
                         }
                         last_flush = tokio::time::Instant::now();
                     }
+                    pace.adjust(drained == 0 && !unflushed && self.pending.is_empty());
                 }
             }
         }
     }
 
-    fn drain(&mut self, traces: &mut mpsc::Receiver<Box<TraceEvent>>) {
+    /// Records every queued trace; returns how many there were.
+    fn drain(&mut self, traces: &mut mpsc::Receiver<Box<TraceEvent>>) -> usize {
         let mut slice = std::time::Instant::now();
+        let mut drained = 0;
         while let Ok(event) = traces.try_recv() {
+            drained += 1;
             self.queued_bytes.fetch_sub(event.size(), Ordering::Relaxed);
             let recorded =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.record(*event)));
@@ -353,6 +409,7 @@ impl Recorder {
                 slice = std::time::Instant::now();
             }
         }
+        drained
     }
 
     fn record(&mut self, event: TraceEvent) {
