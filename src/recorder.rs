@@ -250,23 +250,27 @@ pub fn spawn(
 /// enough (~10 traces at 1000 calls a second) not to hold up the calls that share its core.
 const MAX_DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
-/// While no trace comes and nothing waits to be stored, the drain interval doubles up to this,
-/// so an idle gateway's recorder wakes 10 times a second rather than 100. The first traces of
-/// a burst then wait at most this long (~100 of them at 1000 calls a second).
+/// While no trace comes and nothing waits to be stored, the drain interval doubles up to this
+/// (or to `flush_interval`, when that is shorter, so that a trace is still on disk within it),
+/// so an idle gateway's recorder wakes 10 times a second rather than 100. The first traces of a
+/// burst then wait at most this long (~100 of them at 1000 calls a second).
 const MAX_IDLE_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The recorder's timer: every `busy` period while traces come or wait to be stored, and less
-/// and less often (to [`MAX_IDLE_DRAIN_INTERVAL`]) while none do.
+/// and less often (to `idle`) while none do.
 struct Pace {
     busy: Duration,
+    idle: Duration,
     period: Duration,
     tick: tokio::time::Interval,
 }
 
 impl Pace {
-    fn new(busy: Duration) -> Pace {
+    fn new(flush_interval: Duration) -> Pace {
+        let busy = flush_interval.min(MAX_DRAIN_INTERVAL);
         Pace {
             busy,
+            idle: flush_interval.min(MAX_IDLE_DRAIN_INTERVAL).max(busy),
             period: busy,
             tick: Pace::every(busy),
         }
@@ -285,7 +289,7 @@ impl Pace {
     /// The busy period again after work; a longer one after a tick that found nothing to do.
     fn adjust(&mut self, quiet: bool) {
         let next = if quiet {
-            (self.period * 2).min(MAX_IDLE_DRAIN_INTERVAL.max(self.busy))
+            (self.period * 2).min(self.idle)
         } else {
             self.busy
         };
@@ -338,7 +342,7 @@ impl Recorder {
         mut traces: mpsc::Receiver<Box<TraceEvent>>,
         mut commands: mpsc::Receiver<Command>,
     ) {
-        let mut pace = Pace::new(self.settings.flush_interval.min(MAX_DRAIN_INTERVAL));
+        let mut pace = Pace::new(self.settings.flush_interval);
         let mut last_flush = tokio::time::Instant::now();
         let mut last_write = last_flush;
         // Something was recorded or changed since the store's last flush.
@@ -1114,6 +1118,33 @@ mod tests {
         handle.sync().await.expect("synced");
         assert_eq!(metrics.traces_dropped.get(), 3);
         control.shutdown().await;
+    }
+
+    /// The drain timer backs off while quiet, never past the flush interval or 100 ms, and
+    /// comes back to its busy period at once.
+    #[tokio::test]
+    async fn the_drain_timer_slows_down_while_quiet_within_the_flush_interval() {
+        let ms = Duration::from_millis;
+        // (flush interval, busy period, periods after 1, 2, ... quiet ticks)
+        let cases = [
+            (
+                ms(200),
+                ms(10),
+                vec![ms(20), ms(40), ms(80), ms(100), ms(100)],
+            ),
+            (ms(20), ms(10), vec![ms(20), ms(20)]),
+            (ms(5), ms(5), vec![ms(5), ms(5)]),
+        ];
+        for (flush, busy, quiet) in cases {
+            let mut pace = Pace::new(flush);
+            assert_eq!(pace.period, busy, "flush every {flush:?}");
+            for expected in quiet {
+                pace.adjust(true);
+                assert_eq!(pace.period, expected, "flush every {flush:?}");
+            }
+            pace.adjust(false);
+            assert_eq!(pace.period, busy, "busy again, flush every {flush:?}");
+        }
     }
 
     /// A backlog goes to the store in small writes, the recorder offering its core between

@@ -171,6 +171,9 @@ impl CanonicalHash {
     /// and many calls of each, and SHA-256 was ~6k of the ~112k instructions a call costs the
     /// tokio workers (callgrind, 200 RPS), where looking the encoding up costs ~1k.
     fn finish_hex(self) -> String {
+        if self.0.len() > KNOWN_ENCODING_MAX_BYTES {
+            return sha256_hex16(&self.0);
+        }
         let remembered = KNOWN_IDS.try_with(|known| {
             let mut known = known.borrow_mut();
             if let Some(id) = known.get(&self.0) {
@@ -189,8 +192,11 @@ impl CanonicalHash {
     }
 }
 
-/// Encodings remembered per thread, at most; the map starts over when full (~300 KB then).
+/// Encodings remembered per thread, at most; the map starts over when full.
 const KNOWN_IDS_MAX: usize = 1024;
+
+/// Longer encodings (many or long params) are hashed every time: the map stays under ~1 MB.
+const KNOWN_ENCODING_MAX_BYTES: usize = 512;
 
 thread_local! {
     static KNOWN_IDS: RefCell<HashMap<Vec<u8>, String>> = RefCell::new(HashMap::new());
@@ -823,6 +829,15 @@ mod tests {
         }
         let remembered = KNOWN_IDS.with(|known| known.borrow().len());
         assert!(remembered <= KNOWN_IDS_MAX, "{remembered} ids remembered");
+
+        let long = "n".repeat(KNOWN_ENCODING_MAX_BYTES);
+        let (id, hashed) = named(&long);
+        assert_eq!(id, hashed, "a long identity");
+        let kept = KNOWN_IDS.with(|known| known.borrow().values().any(|id| *id == hashed));
+        assert!(
+            !kept,
+            "a long encoding is hashed every time, not remembered"
+        );
         assert_eq!(fixture.identity().id(), "5cdf93cd5955893a");
     }
 

@@ -32,7 +32,9 @@ fn recorder_wakeups() -> u64 {
 #[tokio::test]
 async fn an_idle_recorder_wakes_a_few_times_a_second_and_still_records_the_next_call() {
     let upstream = Upstream::start(|_| Reply::Json(200, chat_completion("ok", 3, 1))).await;
-    let gateway = TestGateway::start(&upstream.base_url(), "", "").await;
+    // The shipped flush interval (200 ms), not the tests' 20 ms: the timer slows down to the
+    // shorter of it and 100 ms.
+    let gateway = TestGateway::start_flushing_every(&upstream.base_url(), 200).await;
     let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
     let first = gateway.chat(&[], body.clone()).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text());

@@ -351,6 +351,23 @@ impl TestGateway {
         Self::start_on("127.0.0.1:0", data_dir, upstream_url, server, extra).await
     }
 
+    /// As [`start`], flushing the store every `flush_interval_ms` rather than the tests' 20 ms.
+    pub async fn start_flushing_every(upstream_url: &str, flush_interval_ms: u64) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_path_buf();
+        let mut gateway = Self::start_with(
+            "127.0.0.1:0",
+            &data_dir,
+            upstream_url,
+            "",
+            "",
+            flush_interval_ms,
+        )
+        .await;
+        gateway._dir = Some(dir);
+        gateway
+    }
+
     /// As [`start_in`], listening on `listen` (the URL still names the port on loopback).
     pub async fn start_on(
         listen: &str,
@@ -358,6 +375,17 @@ impl TestGateway {
         upstream_url: &str,
         server: &str,
         extra: &str,
+    ) -> TestGateway {
+        Self::start_with(listen, data_dir, upstream_url, server, extra, 20).await
+    }
+
+    async fn start_with(
+        listen: &str,
+        data_dir: &Path,
+        upstream_url: &str,
+        server: &str,
+        extra: &str,
+        flush_interval_ms: u64,
     ) -> TestGateway {
         let text = format!(
             r#"
@@ -367,7 +395,7 @@ listen = "{listen}"
 
 [storage]
 path = "{store}"
-flush_interval_ms = 20
+flush_interval_ms = {flush_interval_ms}
 
 [[providers]]
 name = "openai"
