@@ -68,6 +68,51 @@ pub fn tree_cpu_ticks(root: u32) -> u64 {
     tree(root).into_iter().filter_map(cpu_ticks).sum()
 }
 
+/// The thread groups the report splits a gateway's CPU into, by thread name: tokio's workers
+/// (flowgate's and the floor's), flowgate's recorder, and sled's threads (its I/O pool and log
+/// flusher). Threads of other names, and threads that ended during a phase, are the rest.
+pub const THREAD_GROUPS: [&str; 3] = ["workers", "recorder", "store"];
+
+fn thread_group(name: &str) -> Option<usize> {
+    // tokio names its workers "tokio-rt-worker" (older versions: "tokio-runtime-worker", which
+    // the kernel cuts to 15 bytes).
+    if name == "tokio-rt-worker" || name == "tokio-runtime-w" {
+        Some(0)
+    } else if name == "flowgate-record" {
+        Some(1)
+    } else if name.starts_with("sled") || name == "log flusher" {
+        Some(2)
+    } else {
+        None
+    }
+}
+
+/// utime + stime of the live threads of `root` and its descendants, per [`THREAD_GROUPS`], in
+/// clock ticks; `None` for a group with no thread.
+pub fn thread_group_ticks(root: u32) -> [Option<u64>; 3] {
+    let mut ticks = [None; 3];
+    for pid in tree(root) {
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for task in tasks.flatten() {
+            let Ok(stat) = fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let Some(group) = thread_group(&stat[open + 1..close]) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let used = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            *ticks[group].get_or_insert(0) += used(11).unwrap_or(0) + used(12).unwrap_or(0);
+        }
+    }
+    ticks
+}
+
 /// Resident memory of `root` and its live descendants, in kB.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Memory {

@@ -1,5 +1,6 @@
 //! The results: their JSON shape, the added-latency arithmetic, the printed tables.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -59,6 +60,9 @@ pub struct PhaseReport {
 pub struct ProcessUsage {
     pub cpu_seconds: f64,
     pub cpu_us_per_request: f64,
+    /// Of `cpu_us_per_request`, by thread group (`procfs::THREAD_GROUPS`) where the process has
+    /// threads of that name; what is left is other threads and threads that ended.
+    pub cpu_us_per_request_by_thread: BTreeMap<String, f64>,
     pub rss_mb: f64,
     pub peak_rss_mb: f64,
 }
@@ -283,12 +287,30 @@ fn added_row(added: &Added) -> Vec<String> {
     ]
 }
 
+/// CPU µs per request of each thread group, `-` for a group the process does not have; `-`
+/// alone for a process with none of them (a Python or Node gateway).
+fn by_thread(groups: &BTreeMap<String, f64>) -> String {
+    if groups.is_empty() {
+        return "-".into();
+    }
+    crate::procfs::THREAD_GROUPS
+        .iter()
+        .map(|name| {
+            groups
+                .get(*name)
+                .map_or("-".into(), |us| format!("{us:.0}"))
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The gateway processes over each phase.
 fn process_table(scenarios: &[ScenarioReport]) -> Table {
     let header = vec![
         "scenario",
         "target",
         "cpu µs/req",
+        "workers/recorder/store",
         "rss MB",
         "peak MB",
         "overhead p50",
@@ -306,6 +328,7 @@ fn process_table(scenarios: &[ScenarioReport]) -> Table {
                 scenario.name.clone(),
                 phase.target.into(),
                 format!("{:.0}", process.cpu_us_per_request),
+                by_thread(&process.cpu_us_per_request_by_thread),
                 format!("{:.1}", process.rss_mb),
                 format!("{:.1}", process.peak_rss_mb),
                 opt(metrics.and_then(|m| m.overhead_p50_ms), ms),

@@ -202,6 +202,7 @@ impl Bench<'_> {
 /// What was read of a process just before a phase.
 struct Probe {
     cpu_ticks: u64,
+    group_ticks: [Option<u64>; 3],
     scrape: Option<Scrape>,
 }
 
@@ -221,6 +222,7 @@ impl Probe {
         procfs::reset_peak(pid);
         Ok(Some(Probe {
             cpu_ticks: procfs::tree_cpu_ticks(pid),
+            group_ticks: procfs::thread_group_ticks(pid),
             scrape,
         }))
     }
@@ -245,11 +247,23 @@ impl Probe {
             });
         }
         let ticks = procfs::tree_cpu_ticks(pid).saturating_sub(self.cpu_ticks);
+        let per_request_us =
+            |ticks: u64| ticks as f64 * 1e6 / bench.clock_ticks as f64 / requests.max(1) as f64;
         let cpu = Duration::from_secs_f64(ticks as f64 / bench.clock_ticks as f64);
+        let groups = procfs::thread_group_ticks(pid);
+        let cpu_us_per_request_by_thread = procfs::THREAD_GROUPS
+            .iter()
+            .zip(groups.iter().zip(self.group_ticks))
+            .filter_map(|(name, (&after, before))| {
+                let used = after?.saturating_sub(before.unwrap_or(0));
+                Some((name.to_string(), per_request_us(used)))
+            })
+            .collect();
         let memory = procfs::tree_memory(pid);
         let usage = ProcessUsage {
             cpu_seconds: cpu.as_secs_f64(),
-            cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests.max(1) as f64,
+            cpu_us_per_request: per_request_us(ticks),
+            cpu_us_per_request_by_thread,
             rss_mb: memory.rss_kb as f64 / 1024.0,
             peak_rss_mb: memory.peak_kb as f64 / 1024.0,
         };
