@@ -12,7 +12,7 @@ use serde_json::json;
 
 /// The times the recorder thread has gone to sleep and been woken, from `/proc`.
 fn recorder_wakeups() -> u64 {
-    let mut total = 0;
+    let mut total = None;
     let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
     for task in tasks.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
@@ -20,13 +20,14 @@ fn recorder_wakeups() -> u64 {
             continue;
         }
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        total += status
+        let switches = status
             .lines()
             .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
             .and_then(|count| count.trim().parse::<u64>().ok())
             .expect("voluntary_ctxt_switches in /proc/self/task/*/status");
+        *total.get_or_insert(0) += switches;
     }
-    total
+    total.expect("a thread named flowgate-record in this process")
 }
 
 #[tokio::test]
