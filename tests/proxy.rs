@@ -342,22 +342,39 @@ async fn upstream_down_is_a_502_and_too_slow_is_a_504() {
 
 #[tokio::test]
 async fn a_stream_past_the_deadline_ends_with_an_error_event() {
-    let upstream = Upstream::start(|_| {
-        Reply::Sse(vec![
-            (Duration::ZERO, chunk("early")),
-            (Duration::from_secs(30), chunk("late")),
-        ])
-    })
-    .await;
-    let gateway = TestGateway::start(&upstream.base_url(), "request_timeout_ms = 400", "").await;
-    let reply = gateway.chat(&[], chat_body(true)).await;
-    let events = sse_data(&reply.body);
-    assert!(events[0].contains("early"));
-    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_timeout", "{events:?}");
-    let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
-    assert_eq!(trace["error"]["class"], "timeout");
-    assert_eq!(trace["response_body"]["content"], "early");
+    // (what the upstream does after its first chunk, the answer text the trace keeps)
+    let silent = vec![
+        (Duration::ZERO, chunk("early")),
+        (Duration::from_secs(30), chunk("late")),
+    ];
+    let mut dripping = vec![(Duration::ZERO, chunk("early"))];
+    dripping.extend((0..60).map(|_| (Duration::from_millis(50), chunk("."))));
+    let cases = [("silent", silent), ("still sending", dripping)];
+    for (name, events) in cases {
+        let upstream = Upstream::start(move |_| Reply::Sse(events.clone())).await;
+        let gateway =
+            TestGateway::start(&upstream.base_url(), "request_timeout_ms = 400", "").await;
+        let started = std::time::Instant::now();
+        let reply = gateway.chat(&[], chat_body(true)).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{name}: cut after {:?}",
+            started.elapsed()
+        );
+        let events = sse_data(&reply.body);
+        assert!(events[0].contains("early"), "{name}: {events:?}");
+        let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+        assert_eq!(
+            last["error"]["code"], "upstream_timeout",
+            "{name}: {events:?}"
+        );
+        let trace = gateway.trace(reply.header("x-flowgate-trace-id")).await;
+        assert_eq!(trace["error"]["class"], "timeout", "{name}");
+        let kept = trace["response_body"]["content"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(kept.starts_with("early"), "{name}: {kept}");
+    }
 }
 
 #[tokio::test]
