@@ -105,7 +105,9 @@ pub struct ServerConfig {
     /// its first byte); slower ones (slowloris) are disconnected.
     pub header_read_timeout_ms: u64,
     /// A keep-alive connection with no call in flight is closed after this long: longer than
-    /// load balancers and client pools keep idle connections (AWS ALB 60 s, Go 90 s).
+    /// load balancers and client pools keep idle connections (AWS ALB 60 s, Go 90 s, Oracle
+    /// Cloud 300 s, Google Cloud 600 s, fixed), so that the gateway never closes one as the
+    /// balancer sends a call on it.
     pub idle_timeout_ms: u64,
     /// PEM certificate chain and private key: with both, the listener speaks TLS (h2, http/1.1).
     #[serde(deserialize_with = "expanded_opt_path")]
@@ -129,7 +131,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 30_000,
             max_header_bytes: 64 * 1024,
             header_read_timeout_ms: 30_000,
-            idle_timeout_ms: 300_000,
+            idle_timeout_ms: 620_000,
             tls_cert: None,
             tls_key: None,
             max_connections: 10_000,
