@@ -378,7 +378,7 @@ impl MeteredBody {
         self.draft.finish(std::mem::take(&mut self.captured));
     }
 
-    /// Ends a broken stream: SSE clients get an OpenAI-shaped error event, others a body error.
+    /// The call's deadline passed while the upstream was still answering.
     fn time_out(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let message =
             "the call exceeded server.request_timeout_ms while the upstream was still sending"
@@ -390,6 +390,7 @@ impl MeteredBody {
         tracing::warn!(trace_id = %self.draft.trace.id, class, message, "answer broken off");
     }
 
+    /// Ends a broken stream: SSE clients get an OpenAI-shaped error event, others a body error.
     fn break_off(
         &mut self,
         class: &str,
