@@ -20,6 +20,18 @@ pub fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir, String> {
         .map_err(|err| format!("temp dir: {err}"))
 }
 
+/// Runs `command` to its end (an installer); fails unless it succeeds.
+pub fn run(command: &mut Command) -> Result<(), String> {
+    let status = command
+        .status()
+        .map_err(|err| format!("{command:?}: {err}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed: {status}"))
+    }
+}
+
 pub struct ChildGuard {
     name: &'static str,
     child: Child,
@@ -50,17 +62,24 @@ impl ChildGuard {
         self.child.id()
     }
 
-    /// Polls `url` until it answers 200; fails early if the process exits, and after `limit`.
+    /// Polls `url` until it answers 200, and says how long that took; fails early if the
+    /// process exits, and after `limit`.
     pub async fn wait_healthy(
         &mut self,
         client: &HttpClient,
         url: &str,
         limit: Duration,
-    ) -> Result<Duration, String> {
+    ) -> Result<(), String> {
         let start = Instant::now();
         loop {
             if let Ok((StatusCode::OK, _)) = workload::get(client, url).await {
-                return Ok(start.elapsed());
+                let took = start.elapsed();
+                eprintln!(
+                    "{} (pid {}) healthy after {took:.1?}",
+                    self.name,
+                    self.pid()
+                );
+                return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(self.failure(&format!("exited ({status}) before answering {url}")));

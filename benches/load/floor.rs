@@ -49,10 +49,9 @@ impl FloorProxy {
             .arg(mock_port.to_string());
         let mut guard = ChildGuard::spawn("floor proxy", command, &dir.path().join("floor.log"))?;
         let base = format!("http://127.0.0.1:{port}");
-        let took = guard
+        guard
             .wait_healthy(client, &format!("{base}/healthz"), Duration::from_secs(30))
             .await?;
-        eprintln!("floor proxy (pid {}) healthy after {took:.1?}", guard.pid());
         Ok(FloorProxy {
             guard,
             base,

@@ -54,14 +54,13 @@ impl Flowgate {
             .env("FLOWGATE_LOG", "warn");
         let mut guard = ChildGuard::spawn("flowgate", command, &dir.path().join("flowgate.log"))?;
         let base = format!("http://127.0.0.1:{port}");
-        let took = guard
+        guard
             .wait_healthy(
                 client,
                 &format!("{base}/healthz"),
                 Duration::from_secs(startup),
             )
             .await?;
-        eprintln!("flowgate (pid {}) healthy after {took:.1?}", guard.pid());
         Ok(Flowgate {
             guard,
             base,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::child::{scratch_dir, ChildGuard};
+use crate::child::{run, scratch_dir, ChildGuard};
 use crate::gateway::free_port;
 use crate::workload::HttpClient;
 
@@ -47,17 +47,6 @@ pub fn ensure_installed() -> Result<(), String> {
         .arg("prometheus_client"))
 }
 
-fn run(command: &mut Command) -> Result<(), String> {
-    let status = command
-        .status()
-        .map_err(|err| format!("{command:?}: {err}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{command:?} failed: {status}"))
-    }
-}
-
 impl Litellm {
     pub async fn start(client: &HttpClient, mock_port: u16) -> Result<Litellm, String> {
         let dir = scratch_dir("litellm-load-")?;
@@ -90,14 +79,13 @@ impl Litellm {
         let mut guard = ChildGuard::spawn("litellm", command, &dir.path().join("litellm.log"))?;
         let base = format!("http://127.0.0.1:{port}");
         // It takes 16-18 s to come up on a 2-core machine.
-        let took = guard
+        guard
             .wait_healthy(
                 client,
                 &format!("{base}/health/liveliness"),
                 Duration::from_secs(120),
             )
             .await?;
-        eprintln!("litellm (pid {}) healthy after {took:.1?}", guard.pid());
         Ok(Litellm {
             guard,
             base,

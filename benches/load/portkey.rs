@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use tempfile::TempDir;
 
-use crate::child::{scratch_dir, ChildGuard};
+use crate::child::{run, scratch_dir, ChildGuard};
 use crate::gateway::free_port;
 use crate::workload::HttpClient;
 
@@ -60,14 +60,9 @@ pub fn ensure_installed() -> Result<(), String> {
     let path = dir.join("package.json");
     std::fs::write(&path, manifest.to_string())
         .map_err(|err| format!("{}: {err}", path.display()))?;
-    let mut npm = Command::new("npm");
-    npm.args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
-        .current_dir(&dir);
-    let status = npm.status().map_err(|err| format!("{npm:?}: {err}"))?;
-    if !status.success() {
-        return Err(format!("{npm:?} failed: {status}"));
-    }
-    Ok(())
+    run(Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&dir))
 }
 
 impl Portkey {
@@ -83,10 +78,9 @@ impl Portkey {
         let mut guard = ChildGuard::spawn("portkey", command, &dir.path().join("portkey.log"))?;
         // It listens on every interface: only its loopback address is used.
         let base = format!("http://127.0.0.1:{port}");
-        let took = guard
+        guard
             .wait_healthy(client, &format!("{base}/"), Duration::from_secs(60))
             .await?;
-        eprintln!("portkey (pid {}) healthy after {took:.1?}", guard.pid());
         let custom_host = HeaderValue::from_str(&format!("http://127.0.0.1:{mock_port}/v1"))
             .map_err(|err| err.to_string())?;
         Ok(Portkey {

@@ -247,6 +247,11 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// When the connection's last call ended.
+    fn quiet_since(activity: &Activity) -> Instant {
+        activity.at(activity.quiet_since.load(Ordering::Relaxed))
+    }
+
     #[test]
     fn a_new_connection_owes_its_first_byte_within_the_head_timeout() {
         let activity = Activity::new(HEAD, IDLE);
@@ -263,7 +268,7 @@ mod tests {
         let activity = Activity::new(HEAD, IDLE);
         activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
         drop(activity.call());
-        let quiet = activity.at(activity.quiet_since.load(Ordering::Relaxed));
+        let quiet = quiet_since(&activity);
         // Quiet past the head timeout is fine; it is looked at every head timeout.
         let later = quiet + ms(1000);
         assert_eq!(activity.verdict(later), Verdict::CheckAt(later + HEAD));
@@ -291,7 +296,7 @@ mod tests {
         );
         drop(call);
         // Once it ended, the connection is idle from then on, its body bytes no head.
-        let quiet = activity.at(activity.quiet_since.load(Ordering::Relaxed));
+        let quiet = quiet_since(&activity);
         assert_eq!(activity.verdict(quiet + IDLE), Verdict::Idle);
     }
 
@@ -301,7 +306,7 @@ mod tests {
         activity.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         drop(activity.call());
         activity.on_read(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00ping");
-        let quiet = activity.at(activity.quiet_since.load(Ordering::Relaxed));
+        let quiet = quiet_since(&activity);
         assert!(matches!(
             activity.verdict(quiet + ms(1000)),
             Verdict::CheckAt(_)
