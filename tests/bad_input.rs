@@ -229,7 +229,7 @@ fn check_config_prints_the_routing_table() {
     );
     // The shipped cache and guardrails, as they will run.
     assert!(
-        stdout.contains("cache:  Deterministic mode, 32 MB"),
+        stdout.contains("cache:  Deterministic mode, 8 MB"),
         "{stdout}"
     );
     assert!(
