@@ -18,19 +18,27 @@ pub fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
-/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces or parens):
-/// index 0 is field 3, `state`.
+/// A `stat` file of `/proc` (a process's or a thread's): the command name (which may hold spaces
+/// or parens), and the fields after it, where index 0 is field 3, `state`.
+fn read_stat(path: &str) -> Option<(String, Vec<String>)> {
+    let stat = fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields = stat[close + 1..].split_whitespace().map(str::to_owned);
+    Some((stat[open + 1..close].to_owned(), fields.collect()))
+}
+
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
+    Some(read_stat(&format!("/proc/{pid}/stat"))?.1)
+}
+
+/// utime + stime (fields 14 and 15), in clock ticks.
+fn used_ticks(fields: &[String]) -> Option<u64> {
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// utime + stime of one process, in clock ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
-    let fields = stat_fields(pid)?;
-    // Fields 14 and 15.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    used_ticks(&stat_fields(pid)?)
 }
 
 fn parent(pid: u32) -> Option<u32> {
@@ -96,18 +104,14 @@ pub fn thread_group_ticks(root: u32) -> [Option<u64>; 3] {
             .into_iter()
             .flatten();
         for task in tasks.flatten() {
-            let Ok(stat) = fs::read_to_string(task.path().join("stat")) else {
+            let path = task.path().join("stat");
+            let Some((name, fields)) = path.to_str().and_then(read_stat) else {
                 continue;
             };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            let Some(group) = thread_group(&name) else {
                 continue;
             };
-            let Some(group) = thread_group(&stat[open + 1..close]) else {
-                continue;
-            };
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let used = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-            *ticks[group].get_or_insert(0) += used(11).unwrap_or(0) + used(12).unwrap_or(0);
+            *ticks[group].get_or_insert(0) += used_ticks(&fields).unwrap_or(0);
         }
     }
     ticks

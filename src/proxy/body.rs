@@ -608,3 +608,76 @@ impl Body for MeteredBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use http_body_util::BodyExt;
+
+    /// An upstream body that always has another frame ready: never `Pending`, so only the clock
+    /// check on arriving frames can notice the deadline.
+    struct Endless;
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"more ")))))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_never_pauses_is_still_cut_at_the_deadline() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = crate::store::SledStore::open(&dir.path().join("db"), 1 << 20).expect("store");
+        let config = crate::config::Config::default();
+        let (recorder, control) = crate::recorder::spawn(
+            Arc::new(store),
+            Arc::new(crate::telemetry::Metrics::new()),
+            crate::metering::Pricing::new(&Default::default()).expect("pricing"),
+            crate::recorder::RecorderSettings::from_config(&config),
+        )
+        .expect("recorder");
+        let draft = Draft::new(recorder, "POST", "/v1/chat/completions", |_| String::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        let mut body = MeteredBody::new(
+            Endless.boxed(),
+            draft,
+            Captured::new(1024, false),
+            false,
+            tokio::time::sleep_until(deadline),
+        );
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let started = std::time::Instant::now();
+        let mut forwarded = 0;
+        let ended = loop {
+            // Bounded: a body that never checked the clock would forward frames forever.
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "still forwarding after {forwarded} frames"
+            );
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(_))) => forwarded += 1,
+                other => break other,
+            }
+        };
+        let Poll::Ready(Some(Err(err))) = ended else {
+            panic!("expected a body error at the deadline, got {ended:?}");
+        };
+        assert!(err.to_string().contains("request_timeout_ms"), "{err}");
+        assert!(
+            tokio::time::Instant::now() >= deadline,
+            "cut before the deadline"
+        );
+        assert!(forwarded > 0, "frames before the deadline are forwarded");
+        drop(body);
+        control.shutdown().await;
+    }
+}

@@ -323,6 +323,9 @@ pub fn asked_for_usage(seen: &Seen) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Gateway
 
+/// The tests' store flush interval: short, so that a trace is on disk soon after its call.
+const FLUSH_INTERVAL_MS: u64 = 20;
+
 pub struct TestGateway {
     pub gateway: Option<Gateway>,
     pub url: String,
@@ -334,11 +337,7 @@ impl TestGateway {
     /// A gateway whose `openai` provider points at `upstream_url`, with a fresh store.
     /// `server` and `extra` are TOML added to the `[server]` section and after it.
     pub async fn start(upstream_url: &str, server: &str, extra: &str) -> TestGateway {
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().to_path_buf();
-        let mut gateway = Self::start_in(&data_dir, upstream_url, server, extra).await;
-        gateway._dir = Some(dir);
-        gateway
+        Self::start_fresh(upstream_url, server, extra, FLUSH_INTERVAL_MS).await
     }
 
     /// As [`start`], with the store in `data_dir` (kept across restarts).
@@ -353,14 +352,23 @@ impl TestGateway {
 
     /// As [`start`], flushing the store every `flush_interval_ms` rather than the tests' 20 ms.
     pub async fn start_flushing_every(upstream_url: &str, flush_interval_ms: u64) -> TestGateway {
+        Self::start_fresh(upstream_url, "", "", flush_interval_ms).await
+    }
+
+    /// A gateway on a store of its own, removed when it is dropped.
+    async fn start_fresh(
+        upstream_url: &str,
+        server: &str,
+        extra: &str,
+        flush_interval_ms: u64,
+    ) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().to_path_buf();
         let mut gateway = Self::start_with(
             "127.0.0.1:0",
-            &data_dir,
+            dir.path(),
             upstream_url,
-            "",
-            "",
+            server,
+            extra,
             flush_interval_ms,
         )
         .await;
@@ -376,7 +384,15 @@ impl TestGateway {
         server: &str,
         extra: &str,
     ) -> TestGateway {
-        Self::start_with(listen, data_dir, upstream_url, server, extra, 20).await
+        Self::start_with(
+            listen,
+            data_dir,
+            upstream_url,
+            server,
+            extra,
+            FLUSH_INTERVAL_MS,
+        )
+        .await
     }
 
     async fn start_with(
