@@ -37,6 +37,8 @@ mod report;
 mod scenario;
 #[path = "load/stats.rs"]
 mod stats;
+#[path = "load/targets.rs"]
+mod targets;
 #[path = "load/workload.rs"]
 mod workload;
 
@@ -185,7 +187,7 @@ async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
     drop(bench);
     flowgate.stop();
     let failures = failures(&scenarios, &traces);
-    Ok(Report {
+    let mut report = Report {
         machine: procfs::machine(),
         settings: settings.clone(),
         scenarios,
@@ -195,9 +197,13 @@ async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
             overhead_p99_ms: whole.overhead_quantile_ms(0.99),
             traces_dropped: whole.traces_dropped,
         },
+        targets: Vec::new(),
+        closed_budget: None,
         passed: failures.is_empty(),
         failures,
-    })
+    };
+    (report.targets, report.closed_budget) = targets::judge(&report);
+    Ok(report)
 }
 
 fn subjects<'a>(

@@ -71,6 +71,43 @@ fn tree(root: u32) -> Vec<u32> {
     pids
 }
 
+/// utime + stime of this process (the load generator and the mock), in clock ticks.
+pub fn own_cpu_ticks() -> u64 {
+    read_stat("/proc/self/stat")
+        .and_then(|(_, fields)| used_ticks(&fields))
+        .unwrap_or(0)
+}
+
+/// The machine's CPU time since boot, all cores: (busy, all), in clock ticks. Idle and I/O
+/// wait are not busy; steal is (another guest had the core).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MachineTicks {
+    pub busy: u64,
+    pub all: u64,
+}
+
+pub fn machine_ticks() -> MachineTicks {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    // cpu  user nice system idle iowait irq softirq steal (guest time is inside user).
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .map(|rest| {
+            rest.split_whitespace()
+                .take(8)
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let all: u64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    MachineTicks {
+        busy: all.saturating_sub(idle),
+        all,
+    }
+}
+
 /// utime + stime of `root` and its live descendants, in clock ticks.
 pub fn tree_cpu_ticks(root: u32) -> u64 {
     tree(root).into_iter().filter_map(cpu_ticks).sum()

@@ -7,9 +7,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::cli::Settings;
-use crate::procfs::Machine;
+use crate::procfs::{self, Machine, MachineTicks};
 use crate::scenario::{Load, Scenario};
 use crate::stats::{Percentiles, Summary};
+use crate::targets::{Check, ClosedBudget, Verdict};
 
 /// Target names.
 pub const DIRECT: &str = "direct";
@@ -24,6 +25,9 @@ pub struct Report {
     pub traces: TraceCheck,
     /// flowgate's own `flowgate_overhead_seconds` over the whole run, estimated from its buckets.
     pub overhead_metric: GatewayMetrics,
+    /// Issue 3's targets judged on this run (filled in by `targets::judge` once the rest is).
+    pub targets: Vec<Check>,
+    pub closed_budget: Option<ClosedBudget>,
     pub failures: Vec<String>,
     pub passed: bool,
 }
@@ -53,6 +57,28 @@ pub struct PhaseReport {
     pub summary: Summary,
     pub process: Option<ProcessUsage>,
     pub gateway_metrics: Option<GatewayMetrics>,
+    pub harness: Harness,
+}
+
+/// This process (the load generator and the mock) and the whole machine, over one phase's load
+/// (its warm-up and the gateway's probes left out): what is left of the cores for a gateway.
+#[derive(Serialize)]
+pub struct Harness {
+    pub cpu_us_per_request: f64,
+    /// Busy share of all the machine's cores, 0 to 1.
+    pub machine_busy: f64,
+}
+
+impl Harness {
+    pub fn since(own: u64, machine: MachineTicks, clock_ticks: u64, requests: usize) -> Harness {
+        let own = procfs::own_cpu_ticks().saturating_sub(own);
+        let now = procfs::machine_ticks();
+        let all = now.all.saturating_sub(machine.all);
+        Harness {
+            cpu_us_per_request: own as f64 * 1e6 / clock_ticks as f64 / requests.max(1) as f64,
+            machine_busy: now.busy.saturating_sub(machine.busy) as f64 / all.max(1) as f64,
+        }
+    }
 }
 
 /// The process tree behind a gateway, over one phase.
@@ -304,6 +330,34 @@ fn by_thread(groups: &BTreeMap<String, f64>) -> String {
         .join("/")
 }
 
+fn targets_table(checks: &[Check]) -> Table {
+    let header = vec!["target", "goal", "flowgate", "floor", "verdict"];
+    let value = |v: Option<f64>, unit: &str| match v {
+        Some(v) if unit.is_empty() => format!("{v:.0}"),
+        Some(v) if unit == "ms" => format!("{v:.3} ms"),
+        Some(v) => format!("{v:.1} {unit}"),
+        None => "-".into(),
+    };
+    let rows = checks
+        .iter()
+        .map(|c| {
+            vec![
+                c.target.clone(),
+                c.goal.clone(),
+                value(c.flowgate, c.unit),
+                value(c.floor, c.unit),
+                match c.verdict {
+                    Verdict::Met => "met",
+                    Verdict::NotMet => "NOT MET",
+                    Verdict::NotRun => "not in this run",
+                }
+                .into(),
+            ]
+        })
+        .collect();
+    Table { header, rows }
+}
+
 /// The gateway processes over each phase.
 fn process_table(scenarios: &[ScenarioReport]) -> Table {
     let header = vec![
@@ -381,6 +435,27 @@ pub fn render(report: &Report) -> String {
         opt(o.overhead_p50_ms, ms),
         opt(o.overhead_p99_ms, ms)
     );
+    let _ = writeln!(
+        out,
+        "\nissue 3's targets on this run (floor: the bare proxy, same load)\n"
+    );
+    out += &targets_table(&report.targets).render();
+    if let Some(b) = &report.closed_budget {
+        let _ = writeln!(
+            out,
+            "\nclosed loop: 40% of direct is {:.0} RPS; {} cores at that rate give {:.1} µs of CPU \
+             per call (all of them busy; direct kept them {:.0}% busy), of which the load generator and mock take {:.1}: a gateway may spend at \
+             most {:.1} µs per call here. The floor spent {}, flowgate {}.",
+            0.4 * b.direct_rps,
+            b.cores,
+            b.harness_us_per_call + b.gateway_us_per_call,
+            b.direct_machine_busy * 100.0,
+            b.harness_us_per_call,
+            b.gateway_us_per_call,
+            opt(b.floor_us, |us| format!("{us:.1}")),
+            opt(b.flowgate_us, |us| format!("{us:.1}")),
+        );
+    }
     let verdict = if report.passed {
         "PASSED".to_owned()
     } else {

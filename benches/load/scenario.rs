@@ -9,7 +9,7 @@ use crate::drive::{self, Run};
 use crate::gateway::Flowgate;
 use crate::procfs;
 use crate::prom::Scrape;
-use crate::report::{GatewayMetrics, PhaseReport, ProcessUsage, ScenarioReport};
+use crate::report::{GatewayMetrics, Harness, PhaseReport, ProcessUsage, ScenarioReport};
 use crate::stats::Summary;
 use crate::workload::{self, Bodies, Caller, Expect, HttpClient, Target};
 
@@ -164,7 +164,9 @@ impl Bench<'_> {
         let warmup_requests =
             drive::warm_up(caller.clone(), settings.concurrency, settings.drain()).await;
         let probe = Probe::before(self, subject).await?;
+        let (own, machine) = (procfs::own_cpu_ticks(), procfs::machine_ticks());
         let run = self.run(caller, scenario.load).await;
+        let harness = Harness::since(own, machine, self.clock_ticks, run.samples.len());
         let (process, gateway_metrics) = match probe {
             Some(probe) => probe.after(self, subject, run.samples.len()).await?,
             None => (None, None),
@@ -176,6 +178,7 @@ impl Bench<'_> {
             summary: Summary::of(&run.samples, run.elapsed),
             process,
             gateway_metrics,
+            harness,
         })
     }
 
