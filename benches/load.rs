@@ -56,7 +56,8 @@ use litellm::Litellm;
 use mock::Mock;
 use portkey::Portkey;
 use report::{
-    ExperimentTraces, GatewayMetrics, Report, ScenarioReport, TraceCheck, DIRECT, FLOOR, FLOWGATE,
+    ExperimentTraces, GatewayMetrics, IdleMemory, Report, ScenarioReport, TraceCheck, DIRECT,
+    FLOOR, FLOWGATE,
 };
 use scenario::{Bench, Subject};
 use workload::{Expect, HttpClient, Target};
@@ -183,6 +184,7 @@ async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
         scenarios.push(bench.scenario(index, scenario).await?);
     }
     let traces = check_traces(&flowgate, &admin, &scenarios).await?;
+    let idle = idle(settings, &flowgate).await;
     let whole = flowgate.metrics(&admin).await?;
     drop(bench);
     flowgate.stop();
@@ -197,6 +199,7 @@ async fn bench(settings: &Settings, mock: &Mock) -> Result<Report, String> {
             overhead_p99_ms: whole.overhead_quantile_ms(0.99),
             traces_dropped: whole.traces_dropped,
         },
+        idle,
         targets: Vec::new(),
         closed_budget: None,
         passed: failures.is_empty(),
@@ -250,6 +253,28 @@ fn subjects<'a>(
         subjects.push(peer);
     }
     subjects
+}
+
+/// flowgate's RSS while it sits idle after the run, sampled every second: a gateway between
+/// bursts must not grow either.
+async fn idle(settings: &Settings, flowgate: &Flowgate) -> Option<IdleMemory> {
+    if settings.idle_secs <= 0.0 {
+        return None;
+    }
+    let mb = || procfs::tree_memory(flowgate.pid()).rss_kb as f64 / 1024.0;
+    let (start, clock) = (mb(), Instant::now());
+    let mut max = start;
+    eprintln!("idle for {:.0} s", settings.idle_secs);
+    while clock.elapsed().as_secs_f64() < settings.idle_secs {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        max = max.max(mb());
+    }
+    Some(IdleMemory {
+        secs: settings.idle_secs,
+        rss_start_mb: start,
+        rss_end_mb: mb(),
+        rss_max_mb: max,
+    })
 }
 
 /// Requests sent to flowgate per experiment (warm-ups included: each is a trace too), against

@@ -33,6 +33,10 @@ pub struct Flags {
     /// `--duration-secs 20` each half is ~200k calls), for RSS after each half.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
+    /// After the memory run, keep flowgate idle this long and report its RSS over that time
+    /// (the store keeps cleaning its log after a burst) [default: 60 with memory, else 0].
+    #[arg(long)]
+    idle_secs: Option<f64>,
     /// Also measure LiteLLM's proxy (installed into .peer-venv on first use: minutes).
     #[arg(long)]
     litellm: bool,
@@ -98,6 +102,7 @@ pub struct Settings {
     pub duration_secs: f64,
     pub concurrency: usize,
     pub parts: Vec<Part>,
+    pub idle_secs: f64,
     pub litellm: bool,
     pub portkey: bool,
     pub floor: bool,
@@ -141,8 +146,17 @@ impl Flags {
             true => vec![Part::Nonstream, Part::Stream, Part::Cached, Part::Closed],
             false => self.only,
         };
+        let idle_secs = self.idle_secs.unwrap_or(if parts.contains(&Part::Memory) {
+            60.0
+        } else {
+            0.0
+        });
+        if !idle_secs.is_finite() || idle_secs < 0.0 {
+            return Err("--idle-secs must be 0 or more".into());
+        }
         Ok(Settings {
             quick: self.quick,
+            idle_secs,
             rates,
             duration_secs,
             concurrency: self.concurrency.unwrap_or(16),

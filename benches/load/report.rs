@@ -25,6 +25,8 @@ pub struct Report {
     pub traces: TraceCheck,
     /// flowgate's own `flowgate_overhead_seconds` over the whole run, estimated from its buckets.
     pub overhead_metric: GatewayMetrics,
+    /// flowgate's RSS while idle after the run (`--idle-secs`).
+    pub idle: Option<IdleMemory>,
     /// Issue 3's targets judged on this run (filled in by `targets::judge` once the rest is).
     pub targets: Vec<Check>,
     pub closed_budget: Option<ClosedBudget>,
@@ -58,6 +60,14 @@ pub struct PhaseReport {
     pub process: Option<ProcessUsage>,
     pub gateway_metrics: Option<GatewayMetrics>,
     pub harness: Harness,
+}
+
+#[derive(Serialize)]
+pub struct IdleMemory {
+    pub secs: f64,
+    pub rss_start_mb: f64,
+    pub rss_end_mb: f64,
+    pub rss_max_mb: f64,
 }
 
 /// This process (the load generator and the mock) and the whole machine, over one phase's load
@@ -435,6 +445,14 @@ pub fn render(report: &Report) -> String {
         opt(o.overhead_p50_ms, ms),
         opt(o.overhead_p99_ms, ms)
     );
+    if let Some(idle) = &report.idle {
+        let _ = writeln!(
+            out,
+            "idle after the run: flowgate's RSS {:.1} MB at the start, {:.1} MB after {:.0} s \
+             (at most {:.1})",
+            idle.rss_start_mb, idle.rss_end_mb, idle.secs, idle.rss_max_mb
+        );
+    }
     let _ = writeln!(
         out,
         "\nissue 3's targets on this run (floor: the bare proxy, same load)\n"

@@ -240,7 +240,18 @@ fn memory(report: &Report) -> Vec<Check> {
     if let (Some(second), Verdict::Met) = (rss(second), after.verdict) {
         after.verdict = verdict(Some(second <= MAX_RSS_MB));
     }
-    vec![after, flat]
+    // Idle after the load is part of "flat": the store keeps working after a burst.
+    let idle = report.idle.as_ref().filter(|_| enough);
+    let idle = check(
+        format!(
+            "RSS idle after the memory run, {:.0} s (highest)",
+            idle.map_or(0.0, |i| i.secs)
+        ),
+        Bound::AtMost(MAX_RSS_MB),
+        "MB",
+        [idle.map(|i| i.rss_max_mb), None],
+    );
+    vec![after, flat, idle]
 }
 
 fn stored(report: &Report) -> Check {
