@@ -243,10 +243,10 @@ fn memory(report: &Report) -> Vec<Check> {
     // Idle after the load is part of "flat": the store keeps working after a burst.
     let idle = report.idle.as_ref().filter(|_| enough);
     let idle = check(
-        format!(
-            "RSS idle after the memory run, {:.0} s (highest)",
-            idle.map_or(0.0, |i| i.secs)
-        ),
+        match idle {
+            Some(i) => format!("RSS idle {:.0} s after the memory run (highest)", i.secs),
+            None => "RSS idle after the memory run (highest)".into(),
+        },
         Bound::AtMost(MAX_RSS_MB),
         "MB",
         [idle.map(|i| i.rss_max_mb), None],
