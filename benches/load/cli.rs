@@ -33,8 +33,8 @@ pub struct Flags {
     /// `--duration-secs 20` each half is ~200k calls), for RSS after each half.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
-    /// After the memory run, keep flowgate idle this long and report its RSS over that time
-    /// (the store keeps cleaning its log after a burst) [default: 60 with memory, else 0].
+    /// After the run, keep flowgate idle this long and report its RSS over that time (work left
+    /// after a burst shows here: sled's log cleaning did) [default: 60 with memory, else 0].
     #[arg(long)]
     idle_secs: Option<f64>,
     /// Also measure LiteLLM's proxy (installed into .peer-venv on first use: minutes).
