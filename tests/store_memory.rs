@@ -64,10 +64,10 @@ fn at_rate(n: u64, rate: u64) -> String {
 #[ignore]
 fn store_memory_stays_bounded_while_writing_and_idle() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = std::env::var("FLOWGATE_STORE_CACHE_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(flowgate::config::StorageConfig::default().cache_capacity_bytes);
+    let cache = env_or(
+        "FLOWGATE_STORE_CACHE_BYTES",
+        flowgate::config::StorageConfig::default().cache_capacity_bytes,
+    );
     let store = SledStore::open(&dir.path().join("db"), cache).unwrap();
     let body = Captured::text(&"x".repeat(1000), false);
     let started = rss_kb();

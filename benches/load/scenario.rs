@@ -53,6 +53,9 @@ impl Scenario {
     }
 }
 
+/// The two halves of the memory run, by scenario kind.
+pub const MEMORY_HALVES: [&str; 2] = ["memory-1st-half", "memory-2nd-half"];
+
 /// Open loop non-streamed at each rate, then streamed at each rate, then the closed loops.
 pub fn plan(settings: &Settings) -> Vec<Scenario> {
     let mut scenarios = Vec::new();
@@ -80,9 +83,7 @@ pub fn plan(settings: &Settings) -> Vec<Scenario> {
         };
         // Each half its own prompts (the salt is the experiment): the second half fills the
         // response cache with new answers, as steady traffic would, instead of hitting the first's.
-        scenarios.extend(
-            ["memory-1st-half", "memory-2nd-half"].map(|kind| Scenario::named(load, false, kind)),
-        );
+        scenarios.extend(MEMORY_HALVES.map(|kind| Scenario::named(load, false, kind)));
     }
     scenarios
 }
