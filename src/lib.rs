@@ -1,6 +1,7 @@
 //! flowgate: an OpenAI-compatible LLM gateway that records every call as a trace and aggregates
 //! traces into experiments and runs. See ARCHITECTURE.md for the map.
 
+pub mod allocator;
 pub mod api;
 pub mod cache;
 pub mod cli;

@@ -14,32 +14,8 @@ use flowgate::server::Gateway;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc.h (stable across v2 and v3).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-/// mimalloc waits `mi_option_arena_purge_mult` (10) times this before purging arena memory: 10 ms.
-const PURGE_DELAY_MS: std::ffi::c_long = 1;
-
-/// Memory freed under load goes back to the OS within ~10 ms, a little at a time: RSS after 400k
-/// closed-loop calls was 170 MB instead of 186-188 MB with 1 s (`purge_delay` 100, the setting
-/// before), and CPU per call at 1000 RPS did not move beyond the noise (207 vs 208 µs), though
-/// pages are faulted in again more often (65k vs 40k minor faults per 10k calls).
-///
-/// This was first chosen against ~18 ms stalls of closed-loop streams after a closed-loop burst,
-/// which went away when mimalloc's purging was switched off. Those tests set
-/// `MIMALLOC_PURGE_DELAY`, which the load harness's own mimalloc read too; the stalls came back
-/// with this setting, and went away (8 runs of 8) once the harness paused between phases: they
-/// were the previous phase's clean-up in the harness, not the gateway.
-fn return_freed_memory_promptly() {
-    // mimalloc's own variable still wins, for whoever tunes the allocator.
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
-    // SAFETY: sets a process-wide allocator option; mimalloc reads it on every purge.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
-}
-
 fn main() -> ExitCode {
-    return_freed_memory_promptly();
+    flowgate::allocator::return_freed_memory_promptly();
     let cli = Cli::parse();
     // One process-wide TLS provider, so nothing can pick a different one by accident.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -76,6 +52,10 @@ fn main() -> ExitCode {
 async fn serve(config_path: Option<&Path>) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|err| err.to_string())?;
     flowgate::metering::warm_tokenizers();
+    if let Err(err) = flowgate::allocator::spawn_purge_janitor(flowgate::allocator::PURGE_EVERY) {
+        // Serving still works; RSS may only climb for a while now and then (see `allocator`).
+        tracing::warn!(error = %err, "cannot start the allocator's purge thread");
+    }
     let gateway = Gateway::start(&config)
         .await
         .map_err(|err| err.to_string())?;
