@@ -68,10 +68,15 @@ pub(super) struct Records {
 }
 
 impl Records {
-    pub(super) fn with_capacity(bytes: usize) -> Records {
-        Records {
-            bytes: Vec::with_capacity(bytes),
-        }
+    /// Empties it, keeping its buffer, with room for at least `bytes` more.
+    pub(super) fn clear_and_reserve(&mut self, bytes: usize) {
+        self.bytes.clear();
+        self.bytes.reserve(bytes);
+    }
+
+    /// The bytes its buffer holds without growing.
+    pub(super) fn capacity(&self) -> usize {
+        self.bytes.capacity()
     }
 
     /// Adds one record, its payload written by `write_payload`; returns its place relative to
