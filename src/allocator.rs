@@ -40,10 +40,10 @@ pub fn return_freed_memory_promptly() {
 /// thread's purge visit finds nothing to do it clears the process-wide expiry, and an arena
 /// scheduling a purge at that moment sets its own but not the process-wide one (that is only set
 /// when the arena's was unset). From then on no thread purges: freed memory stays resident until
-/// a thread exits or someone forces a collection. Under the memory run's load this happened in
-/// about one closed-loop half in eight: RSS climbed for 17 s without a single drop, to 115 MB,
-/// and fell by 15.7 MB at once when it ended (read from `/proc/<pid>/mem`: the process-wide expiry
-/// 0, the arena's 10-14 s past due).
+/// a thread exits or someone forces a collection. Under the load harness's memory run this
+/// happened in 2 of 14 closed-loop halves: RSS climbed for 17 s without a single drop, to 115 MB,
+/// and fell by 15.7 MB at once when it ended (read from `/proc/<pid>/mem` in such a stall: the
+/// process-wide expiry 0, the arena's 11-14 s past due).
 ///
 /// A forced collection visits every arena whatever the process-wide expiry says, so a stuck purge
 /// lasts at most `period`. It also purges what was freed in the last 10 ms a little early, which
