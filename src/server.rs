@@ -27,6 +27,7 @@ use crate::response::{self, ResponseBody};
 use crate::store::{SledStore, Store};
 use crate::telemetry::{Exposition, Metrics, RejectLabels};
 
+pub mod after_write;
 mod wakeups;
 mod watchdog;
 use wakeups::AbsorbSelfWakes;

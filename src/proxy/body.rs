@@ -208,10 +208,15 @@ impl Draft {
             let complete = (200..300).contains(&self.trace.status)
                 && self.trace.error.is_none()
                 && !response.cut;
-            fill.complete(complete.then(|| crate::cache::Entry {
+            let answer = complete.then(|| crate::cache::Entry {
                 body: response.joined(),
                 sse: response.sse,
-            }));
+            });
+            // Filling the cache (a copy of the answer, moka's insert) waits until the client has
+            // the answer. A call for the same answer in between waits on the fill's claim, as it
+            // did before. The trace, below, is handed over at once: a sync asked for after the
+            // answer arrived must find it.
+            crate::server::after_write::defer(move || fill.complete(answer));
         }
         self.recorder.record(TraceEvent {
             trace: std::mem::take(&mut self.trace),

@@ -50,6 +50,8 @@ impl<F: Future> Future for AbsorbSelfWakes<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
+        // What the calls leave for after the connection has written runs when this poll returns.
+        let _after_write = super::after_write::Scope::enter();
         this.shared.remember(cx.waker());
         let mut inner_cx = Context::from_waker(&this.waker);
         for _ in 0..MAX_POLLS {
