@@ -1,6 +1,6 @@
 //! An idle gateway stays idle: its recorder slows its timer down when there is nothing to store,
-//! its store runs no thread of its own, and a call after the quiet is still traced. (Alone in its test binary: it counts the wake-ups
-//! of the one recorder thread in this process.)
+//! its store runs no thread of its own, and a call after the quiet is still traced. (Alone in its
+//! test binary: it counts the wake-ups of the one recorder thread in this process.)
 
 mod common;
 

@@ -228,6 +228,23 @@ mod tests {
         assert_eq!(poll_once(&mut future, &count), Poll::Ready(()));
     }
 
+    #[test]
+    fn work_a_call_defers_runs_when_the_connections_poll_returns() {
+        // As a connection's last write: the body defers its cache fill, then hyper flushes, all
+        // in one poll; the fill must come after the flush.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (deferring, flushing) = (log.clone(), log.clone());
+        let mut future = AbsorbSelfWakes::new(std::future::poll_fn(move |_| {
+            let deferred = deferring.clone();
+            crate::server::after_write::defer(move || deferred.lock().unwrap().push("cache fill"));
+            flushing.lock().unwrap().push("flush");
+            Poll::Ready(())
+        }));
+        let count = Arc::new(Count::default());
+        assert_eq!(poll_once(&mut future, &count), Poll::Ready(()));
+        assert_eq!(*log.lock().unwrap(), ["flush", "cache fill"]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_task_runs_to_the_end_under_tokio() {
         let done = tokio::spawn(AbsorbSelfWakes::new(async {

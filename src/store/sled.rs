@@ -332,10 +332,10 @@ fn try_open_db(path: &Path, cache_capacity_bytes: u64) -> Result<Db, StoreError>
         .path(path)
         .cache_capacity(cache_capacity_bytes)
         // No background flusher: every write goes through the recorder, which flushes within
-        // `flush_interval` of it, so the thread would only add sled's log cleaning, which pages nodes back into memory past
-        // `cache_capacity` and keeps them (after 900k traces, +23 MB of RSS within a minute of
-        // idling; +41 MB after 2.7M, still growing) to save ~2% of the file
-        // (`tests/store_memory.rs`).
+        // `flush_interval` of it, so the thread would only add sled's log cleaning, which pages
+        // nodes back into memory past `cache_capacity` and keeps them (after 900k traces, +23 MB
+        // of RSS within a minute of idling; +41 MB after 2.7M, still growing) to save ~2% of the
+        // file (`tests/store_memory.rs`).
         .flush_every_ms(None);
     let open_error = |source| StoreError::Open {
         path: path.to_path_buf(),
