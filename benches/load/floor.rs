@@ -7,6 +7,11 @@
 //!
 //! It runs as a child process (this binary again, with `--floor-proxy`), so its CPU and memory are
 //! read from `/proc` exactly as flowgate's are.
+//!
+//! `FLOWGATE_BENCH_FLOOR=per-core` lays the same parts out differently: one single-threaded runtime
+//! per core, each with its own upstream pool, and connections dealt to them in turn, so that no
+//! call ever wakes another thread. That is the other layout a proxy could take; on our machine it
+//! did not lower the floor (docs/benchmarks.md, item 36).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -47,7 +52,11 @@ impl FloorProxy {
             .arg(SERVE_FLAG)
             .arg(port.to_string())
             .arg(mock_port.to_string());
-        let mut guard = ChildGuard::spawn("floor proxy", command, &dir.path().join("floor.log"))?;
+        let name = match std::env::var("FLOWGATE_BENCH_FLOOR").as_deref() {
+            Ok("per-core") => "floor proxy (a runtime per core)",
+            _ => "floor proxy",
+        };
+        let mut guard = ChildGuard::spawn(name, command, &dir.path().join("floor.log"))?;
         let base = format!("http://127.0.0.1:{port}");
         guard
             .wait_healthy(client, &format!("{base}/healthz"), Duration::from_secs(30))
@@ -76,11 +85,15 @@ pub fn serve_if_asked() -> Option<ExitCode> {
         eprintln!("usage: {SERVE_FLAG} LISTEN_PORT UPSTREAM_PORT");
         return Some(ExitCode::from(2));
     };
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| err.to_string())
-        .and_then(|runtime| runtime.block_on(serve(listen, upstream)));
+    let result = if std::env::var("FLOWGATE_BENCH_FLOOR").as_deref() == Ok("per-core") {
+        serve_per_core(listen, upstream)
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| err.to_string())
+            .and_then(|runtime| runtime.block_on(serve(listen, upstream)))
+    };
     match result {
         Ok(()) => Some(ExitCode::SUCCESS),
         Err(err) => {
@@ -97,27 +110,79 @@ async fn serve(listen: u16, upstream_port: u16) -> Result<(), String> {
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], listen)))
         .await
         .map_err(|err| format!("bind {listen}: {err}"))?;
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let upstream: Upstream = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(256)
-        .build(connector);
+    let upstream = upstream_pool();
     let authority = format!("127.0.0.1:{upstream_port}");
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let upstream = upstream.clone();
-        let authority = authority.clone();
-        tokio::spawn(async move {
-            let service =
-                service_fn(move |request| forward(request, upstream.clone(), authority.clone()));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(serve_connection(
+            stream,
+            upstream.clone(),
+            authority.clone(),
+        ));
     }
+}
+
+/// One current-thread runtime per core; the accepting thread deals connections out in turn.
+fn serve_per_core(listen: u16, upstream_port: u16) -> Result<(), String> {
+    let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], listen)))
+        .map_err(|err| format!("bind {listen}: {err}"))?;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut cores_in_turn = Vec::with_capacity(cores);
+    for core in 0..cores {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| format!("runtime {core}: {err}"))?;
+        let (deal, mut dealt) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+        cores_in_turn.push(deal);
+        let authority = format!("127.0.0.1:{upstream_port}");
+        std::thread::Builder::new()
+            .name(format!("floor-core-{core}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let upstream = upstream_pool();
+                    while let Some(stream) = dealt.recv().await {
+                        let stream = stream
+                            .set_nonblocking(true)
+                            .and_then(|()| tokio::net::TcpStream::from_std(stream));
+                        if let Ok(stream) = stream {
+                            tokio::spawn(serve_connection(
+                                stream,
+                                upstream.clone(),
+                                authority.clone(),
+                            ));
+                        }
+                    }
+                })
+            })
+            .map_err(|err| format!("thread {core}: {err}"))?;
+    }
+    for (turn, stream) in listener.incoming().enumerate() {
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        if cores_in_turn[turn % cores].send(stream).is_err() {
+            return Err("a core's runtime stopped".into());
+        }
+    }
+    Ok(())
+}
+
+fn upstream_pool() -> Upstream {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, upstream: Upstream, authority: String) {
+    let service = service_fn(move |request| forward(request, upstream.clone(), authority.clone()));
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// The request as it came, sent to the upstream; the upstream's answer as it comes, streamed back.
