@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Capture;
+use crate::guardrails::Verdict;
 use crate::metering::{self, Pricing, Tokens};
 use crate::providers::Endpoint;
 use crate::runs::{Experiment, Run};
@@ -530,7 +531,7 @@ impl Recorder {
         if let Ok(checked) = checked {
             trace
                 .guardrails
-                .extend(checked.verdicts.iter().map(|v| v.to_trace()));
+                .extend(checked.verdicts.into_iter().map(Verdict::into_trace));
         }
     }
 
@@ -586,7 +587,7 @@ impl Recorder {
         };
         trace
             .guardrails
-            .extend(verdicts.iter().map(|v| v.to_trace()));
+            .extend(verdicts.into_iter().map(Verdict::into_trace));
     }
 
     fn usage(

@@ -1070,7 +1070,7 @@ mod tests {
     #[test]
     fn guardrails_and_scores_are_counted() {
         let mut checked = trace(10.0, 200);
-        let verdict = |guardrail: &str, verdict: &str| GuardrailVerdict {
+        let verdict = |guardrail: &str, verdict: &'static str| GuardrailVerdict {
             guardrail: guardrail.into(),
             verdict: verdict.into(),
             ..GuardrailVerdict::default()

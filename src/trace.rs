@@ -1,5 +1,6 @@
 //! The trace: what one call through the gateway was, as stored and as served by the admin API.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -147,19 +148,25 @@ pub struct Usage {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// `kind`, `stage` and `verdict` come from small fixed sets: borrowed names, not a string allocated
+/// for each of them on every verdict of every call (read back from the store, they are owned).
 pub struct GuardrailVerdict {
     pub guardrail: String,
     /// The check (`pii`, `secrets`, ...).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub kind: String,
+    #[serde(default, skip_serializing_if = "str_is_empty")]
+    pub kind: Cow<'static, str>,
     /// `input` or `output`.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub stage: String,
+    #[serde(default, skip_serializing_if = "str_is_empty")]
+    pub stage: Cow<'static, str>,
     /// `pass`, `flagged`, `redacted` or `blocked`.
-    pub verdict: String,
+    pub verdict: Cow<'static, str>,
     #[serde(default)]
     pub matches: BTreeMap<String, u64>,
     pub elapsed_us: u64,
+}
+
+fn str_is_empty<S: AsRef<str>>(text: &S) -> bool {
+    text.as_ref().is_empty()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

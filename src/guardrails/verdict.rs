@@ -66,15 +66,20 @@ pub struct Verdict {
 impl Verdict {
     /// The trace's record of this verdict (the stored shape: matches as a `kind -> count` map).
     pub fn to_trace(&self) -> crate::trace::GuardrailVerdict {
+        self.clone().into_trace()
+    }
+
+    /// `to_trace` for a verdict that is not needed after: its name and match kinds move over.
+    pub fn into_trace(self) -> crate::trace::GuardrailVerdict {
         crate::trace::GuardrailVerdict {
-            guardrail: self.name.clone(),
-            kind: self.kind.as_str().to_owned(),
-            stage: self.stage.as_str().to_owned(),
-            verdict: self.verdict.as_str().to_owned(),
+            guardrail: self.name,
+            kind: self.kind.as_str().into(),
+            stage: self.stage.as_str().into(),
+            verdict: self.verdict.as_str().into(),
             matches: self
                 .matches
-                .iter()
-                .map(|m| (m.kind.clone(), m.count))
+                .into_iter()
+                .map(|m| (m.kind, m.count))
                 .collect(),
             elapsed_us: self.elapsed_us,
         }
