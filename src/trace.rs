@@ -147,9 +147,9 @@ pub struct Usage {
     pub source: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 /// `kind`, `stage` and `verdict` come from small fixed sets: borrowed names, not a string allocated
 /// for each of them on every verdict of every call (read back from the store, they are owned).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GuardrailVerdict {
     pub guardrail: String,
     /// The check (`pii`, `secrets`, ...).
