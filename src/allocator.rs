@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-/// `mi_option_purge_delay` in mimalloc.h (stable across v2 and v3).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// `mi_option_purge_delay` in mimalloc.h (stable across v2 and v3; libmimalloc-sys has no
+/// constant for it).
+pub const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// mimalloc waits `mi_option_arena_purge_mult` (10) times this before purging arena memory: 10 ms.
 const PURGE_DELAY_MS: std::ffi::c_long = 1;
 

@@ -6,6 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+use flowgate::allocator::MI_OPTION_PURGE_DELAY;
+
+mod common;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -24,8 +28,6 @@ const ARENA_SUBPROC: usize = 24;
 const ARENA_PURGE_EXPIRE: usize = 64;
 const MAX_ARENAS: usize = 160;
 
-/// `mi_option_purge_delay` in mimalloc.h.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// What arenas wait before purging (10 times the option): long enough that freeing the churn
 /// does not itself reach a purge that is due, as it does with the gateway's 10 ms.
 const ARENA_PURGE_DELAY: Duration = Duration::from_millis(200);
@@ -35,18 +37,12 @@ const MB: usize = 1024 * 1024;
 const CHURN_BYTES: usize = 64 * MB;
 
 fn rss_bytes() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: usize = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kb * 1024
+    common::rss_kb() as usize * 1024
 }
 
 /// Allocates `CHURN_BYTES` in 1 KB blocks (small pages, as a gateway's calls use), touches them,
 /// and frees them; then collects this thread's heap, so the freed pages go back to their arena and
-/// are scheduled for purging (due in ~10 ms).
+/// are scheduled for purging (due after `ARENA_PURGE_DELAY`).
 fn allocate_and_free() {
     let blocks: Vec<Vec<u8>> = (0..CHURN_BYTES / 1024)
         .map(|i| vec![i as u8; 1024])

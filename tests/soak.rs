@@ -347,15 +347,6 @@ struct Sample {
     sent: u64,
 }
 
-fn rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
-}
-
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -363,7 +354,7 @@ fn open_fds() -> usize {
 fn sample(start: Instant, tally: &Tally) -> Sample {
     Sample {
         at: start.elapsed(),
-        rss_kb: rss_kb(),
+        rss_kb: common::rss_kb(),
         fds: open_fds(),
         sent: tally.sent.load(Ordering::Relaxed),
     }

@@ -52,9 +52,10 @@ impl FloorProxy {
             .arg(SERVE_FLAG)
             .arg(port.to_string())
             .arg(mock_port.to_string());
-        let name = match std::env::var("FLOWGATE_BENCH_FLOOR").as_deref() {
-            Ok("per-core") => "floor proxy (a runtime per core)",
-            _ => "floor proxy",
+        let name = if per_core_asked() {
+            "floor proxy (a runtime per core)"
+        } else {
+            "floor proxy"
         };
         let mut guard = ChildGuard::spawn(name, command, &dir.path().join("floor.log"))?;
         let base = format!("http://127.0.0.1:{port}");
@@ -85,7 +86,7 @@ pub fn serve_if_asked() -> Option<ExitCode> {
         eprintln!("usage: {SERVE_FLAG} LISTEN_PORT UPSTREAM_PORT");
         return Some(ExitCode::from(2));
     };
-    let result = if std::env::var("FLOWGATE_BENCH_FLOOR").as_deref() == Ok("per-core") {
+    let result = if per_core_asked() {
         serve_per_core(listen, upstream)
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -101,6 +102,11 @@ pub fn serve_if_asked() -> Option<ExitCode> {
             Some(ExitCode::FAILURE)
         }
     }
+}
+
+/// `FLOWGATE_BENCH_FLOOR=per-core`: the floor runs a runtime per core (see the module's docs).
+fn per_core_asked() -> bool {
+    std::env::var("FLOWGATE_BENCH_FLOOR").as_deref() == Ok("per-core")
 }
 
 type Upstream = Client<HttpConnector, Incoming>;
